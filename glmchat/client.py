@@ -1,0 +1,217 @@
+"""EngineClient: the front ends' handle on the worker process. Imports no torch.
+
+The worker is a ``spawn``ed process that owns the model; requests and events travel as pickled
+dataclasses (glmchat.protocol) over one Pipe. A dead worker (killed, out of memory, crashed)
+shows up as WorkerCrashed from ``recv`` with the cause; ``restart`` starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from glmchat.errors import GlmchatError, UsageError, WorkerCrashed
+from glmchat.params import GenerationParams
+from glmchat.protocol import (
+    Cancel,
+    ChatMessage,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    GetStats,
+    Load,
+    Loaded,
+    ModelSpec,
+    Ready,
+    Request,
+    Shutdown,
+)
+
+
+def _worker_entry(conn: Connection, parent_pid: int) -> None:
+    # Imported here so that only the child process pays for torch.
+    from glmchat.model.worker import run_worker
+
+    run_worker(conn, parent_pid)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A readable cause for a worker's exit code."""
+    if exitcode is None:
+        return "the worker stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            return f"the worker was killed ({name}); the system may have run out of memory"
+        return f"the worker was killed by {name}"
+    return f"the worker exited with code {exitcode}"
+
+
+class EngineClient:
+    """Start, talk to and stop one worker process. ``send`` is thread-safe; ``recv`` belongs to
+    one reader thread at a time."""
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.ready: Ready | None = None
+        self.loaded: Loaded | None = None
+        self.crash: str | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        self._process = self._ctx.Process(
+            target=_worker_entry, args=(child_conn, os.getpid()), name="glmchat-worker",
+            daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._conn = parent_conn
+        self.crash = None
+        self.loaded = None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to shut down; terminate, then kill it if it does not."""
+        if self._process is None:
+            return
+        try:
+            if self._process.is_alive():
+                self.send(Shutdown())
+        except GlmchatError:
+            pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(2.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(2.0)
+        if self._conn is not None:
+            self._conn.close()
+        self._process = None
+        self._conn = None
+
+    def restart(self) -> None:
+        self.close(timeout=2.0)
+        self.start()
+
+    def __enter__(self) -> EngineClient:
+        if self._process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    def send(self, request: Request) -> None:
+        if self._conn is None:
+            raise WorkerCrashed("the worker is not running; start it again")
+        try:
+            with self._send_lock:
+                self._conn.send(request)
+        except (BrokenPipeError, EOFError, OSError):
+            raise self._crashed() from None
+
+    def recv(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds. Raises WorkerCrashed."""
+        if self._conn is None:
+            raise WorkerCrashed(self.crash or "the worker is not running; start it again")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+            try:
+                if self._conn.poll(wait):
+                    event: Event = self._conn.recv()
+                    if isinstance(event, Ready):
+                        self.ready = event
+                    elif isinstance(event, Loaded):
+                        self.loaded = event
+                    return event
+            except (EOFError, OSError):
+                raise self._crashed() from None
+            if not self.alive:
+                # Drain what the worker sent before dying, then report the death.
+                try:
+                    if self._conn.poll(0):
+                        return self._conn.recv()  # type: ignore[no-any-return]
+                except (EOFError, OSError):
+                    pass
+                raise self._crashed()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _crashed(self) -> WorkerCrashed:
+        exitcode = None
+        if self._process is not None:
+            self._process.join(1.0)
+            exitcode = self._process.exitcode
+        self.crash = describe_exit(exitcode)
+        return WorkerCrashed(self.crash)
+
+    # ---- conveniences ----------------------------------------------------------------------------
+
+    def load(self, spec: ModelSpec) -> Iterator[Event]:
+        """Send Load; yield events up to and including Loaded. A failed load raises."""
+        self.send(Load(spec))
+        while True:
+            event = self.recv()
+            if event is None:
+                continue
+            if isinstance(event, Failed) and event.id is None:
+                raise (UsageError if event.usage else GlmchatError)(event.error)
+            yield event
+            if isinstance(event, Loaded):
+                return
+
+    def new_id(self) -> str:
+        return f"g{next(self._ids)}"
+
+    def generate(self, params: GenerationParams, *, prompt: str = "",
+                 messages: list[ChatMessage] | None = None, raw: bool = False) -> str:
+        gen_id = self.new_id()
+        self.send(Generate(id=gen_id, params=params, prompt=prompt, messages=messages or [],
+                           raw=raw))
+        return gen_id
+
+    def stream(self, gen_id: str) -> Iterator[Event]:
+        """Events up to and including this generation's Finished; its Failed raises."""
+        while True:
+            event = self.recv()
+            if event is None:
+                continue
+            if isinstance(event, Failed) and event.id in (gen_id, None):
+                raise (UsageError if event.usage else GlmchatError)(event.error)
+            yield event
+            if isinstance(event, Finished) and event.id == gen_id:
+                return
+
+    def cancel(self, gen_id: str) -> None:
+        self.send(Cancel(gen_id))
+
+    def request_stats(self) -> None:
+        self.send(GetStats())

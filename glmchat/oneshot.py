@@ -1,0 +1,113 @@
+"""One-shot and pipe mode: prompts in, completions on stdout, nothing else there.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage/input error, 130 interrupted (what was already
+printed stays printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, TextIO
+
+from glmchat.client import EngineClient
+from glmchat.config import Config
+from glmchat.errors import GlmchatError, UsageError
+from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, Token
+
+
+def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[str]:
+    if args.each_line:
+        if prompt:
+            raise UsageError("--each-line reads prompts from stdin; drop the prompt argument")
+        prompts = [line.rstrip("\r\n") for line in stdin]
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise UsageError("--each-line got no non-blank lines on stdin")
+        return prompts
+    if not prompt:
+        prompt = stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; pass it as an argument or on stdin")
+    return [prompt]
+
+
+def result_json(prompt: str, result: GenerationResult, model: str) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "text": result.text,
+        "tokens": len(result.token_ids),
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "strategy": result.strategy,
+        "seed": result.seed,
+        "model": model,
+        "beams": [{"text": b.text, "score": b.score, "tokens": len(b.token_ids)}
+                  for b in result.beams],
+        "spans": [dataclasses.asdict(s) for s in result.spans],
+        "timings": dataclasses.asdict(result.timings),
+    }
+
+
+def stats_line(result: GenerationResult) -> str:
+    t = result.timings
+    return (f"[{len(result.token_ids)} tokens, {t.decode_tokens_per_s:.1f} tok/s decode, "
+            f"{t.prefill_tokens_per_s:.0f} tok/s prefill, TTFT {t.ttft_s:.2f}s, "
+            f"{result.strategy}, {result.finish_reason}]")
+
+
+def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
+    prompts = read_prompts(args, prompt, sys.stdin)
+    params = config.generation.validate()
+    out = sys.stdout
+    verbose = args.verbose
+    client = EngineClient()
+    gen_id: str | None = None
+    try:
+        client.start()
+        model_name = config.model.path
+        for event in client.load(config.model.spec()):
+            if verbose and isinstance(event, LoadProgress):
+                print(f"glmchat: [{event.done}/{event.total}] {event.what}", file=sys.stderr)
+            elif isinstance(event, Loaded):
+                model_name = event.info.name
+                if verbose:
+                    tiers = ", ".join(f"{n} on {t}" for t, n in
+                                      sorted(event.placement.layers_per_tier.items()))
+                    print(f"glmchat: loaded {event.info.name} in {event.load_s:.1f}s "
+                          f"(layers: {tiers})", file=sys.stderr)
+        for text in prompts:
+            gen_id = client.generate(params, prompt=text, raw=args.raw)
+            streamed = False
+            for event in client.stream(gen_id):
+                if isinstance(event, Token) and not event.provisional and not args.json:
+                    out.write(event.text)
+                    out.flush()
+                    streamed = True
+                elif isinstance(event, Finished):
+                    result = event.result
+                    if args.json:
+                        out.write(json.dumps(result_json(text, result, model_name)) + "\n")
+                    else:
+                        if not streamed:
+                            out.write(result.text)
+                        out.write("\n")
+                    out.flush()
+                    if verbose:
+                        print(f"glmchat: {stats_line(result)}", file=sys.stderr)
+            gen_id = None
+        return 0
+    except KeyboardInterrupt:
+        if gen_id is not None and client.alive:
+            try:
+                client.cancel(gen_id)
+            except GlmchatError:
+                pass
+        out.write("\n")
+        out.flush()
+        print("glmchat: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        client.close()

@@ -158,7 +158,8 @@ class EngineClient:
                 # Drain what the worker sent before dying, then report the death.
                 try:
                     if self._conn.poll(0):
-                        return self._conn.recv()  # type: ignore[no-any-return]
+                        dying_words: Event = self._conn.recv()
+                        return dying_words
                 except (EOFError, OSError):
                     pass
                 raise self._crashed()

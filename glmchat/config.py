@@ -79,7 +79,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist; create it or drop --config") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config file {path} cannot be read ({exc}); check its permissions")
+        raise UsageError(f"config file {path} cannot be read ({exc}); check its permissions"
+                         ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -129,9 +130,8 @@ def _section_problems(section: str, values: dict[str, Any]) -> list[str]:
         if "save" in values and not isinstance(values["save"], bool):
             out.append(f"save = {values['save']!r} is invalid: use true or false")
         return out
-    if section == "ui":
-        if "frontend" in values and values["frontend"] not in FRONTENDS:
-            return [f"frontend = {values['frontend']!r} is invalid: use tui or plain"]
+    if section == "ui" and values.get("frontend", "tui") not in FRONTENDS:
+        return [f"frontend = {values['frontend']!r} is invalid: use tui or plain"]
     return []
 
 

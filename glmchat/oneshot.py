@@ -7,6 +7,7 @@ printed stays printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -101,10 +102,8 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
         return 0
     except KeyboardInterrupt:
         if gen_id is not None and client.alive:
-            try:
+            with contextlib.suppress(GlmchatError):
                 client.cancel(gen_id)
-            except GlmchatError:
-                pass
         out.write("\n")
         out.flush()
         print("glmchat: interrupted", file=sys.stderr)

@@ -136,7 +136,8 @@ class Engine:
             model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(weights_dir)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"{weights_dir} cannot be loaded: {str(exc).splitlines()[0]}")
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"{weights_dir} cannot be loaded: {first_line}") from None
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
         placement = place.summarize(model, device_map, runtime)

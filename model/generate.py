@@ -11,12 +11,13 @@ logits for the last position only) and beam search follows its vectorised algori
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from typing import cast
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 NEG_INF = float("-inf")
 
@@ -108,7 +109,7 @@ def sample(logits: torch.Tensor, settings: DecodeSettings,
 # forward passes
 
 
-def execution_device(model: nn.Module) -> torch.device:
+def execution_device(model: PreTrainedModel) -> torch.device:
     """Where inputs go: the first GPU in the device map, else the CPU."""
     device_map = getattr(model, "hf_device_map", None) or {}
     for device in device_map.values():
@@ -120,7 +121,7 @@ def execution_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def model_forward(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache,
+def model_forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache,
                   past_length: int) -> torch.Tensor:
     """Run ``input_ids`` (B, T) after ``past_length`` cached tokens; logits of the last position
     (B, V) in float32, called as transformers' generate calls it."""
@@ -136,23 +137,23 @@ def model_forward(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache
     return out.logits[:, -1, :].to(device="cpu", dtype=torch.float32, copy=True)  # (B, V)
 
 
-def prefill(model: nn.Module, prompt_ids: torch.Tensor, cache: DynamicCache,
+def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, cache: DynamicCache,
             past_length: int = 0) -> torch.Tensor:
     """Feed the whole prompt (B, T); returns next-token logits (B, V)."""
     return model_forward(model, prompt_ids, cache, past_length)
 
 
-def decode_one(model: nn.Module, token_ids: torch.Tensor, cache: DynamicCache,
+def decode_one(model: PreTrainedModel, token_ids: torch.Tensor, cache: DynamicCache,
                past_length: int) -> torch.Tensor:
     """Feed one token per row (B,) → next-token logits (B, V)."""
     return model_forward(model, token_ids[:, None], cache, past_length)
 
 
-def decode_n(model: nn.Module, prompt_ids: torch.Tensor, settings: DecodeSettings, *,
+def decode_n(model: PreTrainedModel, prompt_ids: torch.Tensor, settings: DecodeSettings, *,
              cache: DynamicCache | None = None, past_length: int = 0,
              generator: torch.Generator | None = None,
              should_stop: Callable[[], bool] = lambda: False,
-             timing: StepTiming | None = None) -> Iterator[int]:
+             timing: StepTiming | None = None) -> Generator[int, None, None]:
     """Greedy or sampled decoding of one sequence; yields token ids as they are chosen.
 
     ``prompt_ids`` (1, T) are the tokens not yet in ``cache``; ``past_length`` tokens already are.
@@ -168,20 +169,19 @@ def decode_n(model: nn.Module, prompt_ids: torch.Tensor, settings: DecodeSetting
     timing.prefill_tokens = prompt_ids.shape[1]
     past_length += prompt_ids.shape[1]
     for step in range(settings.max_new_tokens):
-        if step:
-            if should_stop():
-                raise Cancelled
-            t0 = time.perf_counter()
-            logits = decode_one(model, next_token, cache, past_length)
-            past_length += 1
-            timing.step_s.append(time.perf_counter() - t0)
         scores = process_scores(logits, sequence, step, settings)
         next_token = sample(scores, settings, generator)  # (1,)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
         token_id = int(next_token[0])
         yield token_id
-        if token_id in settings.eos_token_ids:
+        if token_id in settings.eos_token_ids or step + 1 == settings.max_new_tokens:
             return
+        if should_stop():
+            raise Cancelled
+        t0 = time.perf_counter()
+        logits = decode_one(model, next_token, cache, past_length)
+        past_length += 1
+        timing.step_s.append(time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, indices, dim=1)
 
 
-def beam_search(model: nn.Module, prompt_ids: torch.Tensor, settings: DecodeSettings, *,
+def beam_search(model: PreTrainedModel, prompt_ids: torch.Tensor, settings: DecodeSettings, *,
                 hits_stop: Callable[[list[int]], bool] = lambda ids: False,
                 should_stop: Callable[[], bool] = lambda: False,
                 on_step: Callable[[list[int]], None] = lambda ids: None,
@@ -289,7 +289,7 @@ def beam_search(model: nn.Module, prompt_ids: torch.Tensor, settings: DecodeSett
         is_finished = _gather(merged_done, keep)
         finished_lengths = _gather(merged_lengths, keep)
 
-        cache.reorder_cache(beam_idx)
+        cache.reorder_cache(cast(torch.LongTensor, beam_idx))
         cur_len += 1
         on_step(running[0, 0, prompt_len:cur_len].tolist())
 

@@ -114,7 +114,8 @@ def check_safetensors(path: Path) -> None:
                                  "re-download or re-save it")
             header = json.loads(f.read(header_len))
     except PermissionError:
-        raise UsageError(f"{path} cannot be read (permission denied); fix its permissions")
+        raise UsageError(f"{path} cannot be read (permission denied); fix its permissions"
+                         ) from None
     except (ValueError, UnicodeDecodeError):
         raise UsageError(f"{path} is corrupt (its header is not valid JSON); "
                          "re-download or re-save it") from None
@@ -138,7 +139,8 @@ def check_gguf(path: Path) -> None:
     except UsageError:
         raise
     except PermissionError:
-        raise UsageError(f"{path} cannot be read (permission denied); fix its permissions")
+        raise UsageError(f"{path} cannot be read (permission denied); fix its permissions"
+                         ) from None
     except Exception as exc:
         raise UsageError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc}); "
                          "re-download it") from None

@@ -15,8 +15,8 @@ import queue
 import signal
 import sys
 import threading
-import traceback
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection

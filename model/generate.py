@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import cast
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn

@@ -30,6 +30,9 @@ def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[s
         return prompts
     if not prompt:
         prompt = stdin.read()
+        # `echo q | glmchat` must answer like `glmchat q`: the newline is the shell's, not
+        # the user's. Raw continuation keeps inner whitespace, chat trims both ends.
+        prompt = prompt.removesuffix("\n") if args.raw else prompt.strip()
     if not prompt.strip():
         raise UsageError("the prompt is empty; pass it as an argument or on stdin")
     return [prompt]

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from glmchat.model import generate as gen
 
 PROMPTS = [

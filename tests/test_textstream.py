@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from glmchat.model.textstream import TextStream, held_back, stop_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from glmchat.model.textstream import TextStream, held_back, stop_index
 
 
 @pytest.fixture(scope="module")

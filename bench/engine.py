@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -35,7 +36,7 @@ def decode_speed(new_tokens: int, runs: int, threads: int) -> tuple[float, float
     resolved = resolve("default")
     if resolved.needs_conversion:
         convert_gguf(resolved, lambda done, total, what: None)
-    model = AutoModelForCausalLM.from_pretrained(resolved.weights_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(resolved.weights_dir, dtype=torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.weights_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],

@@ -165,7 +165,7 @@ def test_worker_dying_mid_reply_exits_1_with_the_cause() -> None:
         worker = next(c for c in psutil.Process(proc.pid).children()
                       if "spawn_main" in " ".join(c.cmdline()))
         worker.kill()
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1
         assert "killed" in err and len(err.strip().splitlines()) == 1
         assert first and "Traceback" not in err

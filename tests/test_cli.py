@@ -186,3 +186,16 @@ def test_interrupt_exits_130_and_keeps_partial_output() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_hf_directory_and_gguf_file_sources_give_the_default_models_output(
+        default_weights_dir: Path) -> None:
+    from glmchat.model.sources import default_gguf
+
+    runs = [run_cli("--json", "--max-new-tokens", "10", *extra, QUESTION)
+            for extra in ([], ["--model", str(default_weights_dir)],
+                          ["--model", str(default_gguf())])]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    token_ids = [json.loads(proc.stdout)["token_ids"] for proc in runs]
+    assert token_ids[0] == token_ids[1] == token_ids[2]

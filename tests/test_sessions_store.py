@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from glmchat.sessions.cli import replay_main, sessions_main
+from glmchat.sessions.domain import AssistantTurn, UserTurn
+from glmchat.sessions.recorder import SessionRecorder, open_recorder
+from glmchat.sessions.records import FORMAT_VERSION, SessionFileError
+from glmchat.sessions.store import SessionStore, load_session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,11 +31,6 @@ from glmchat.protocol import (
     Span,
     Timings,
 )
-from glmchat.sessions.cli import replay_main, sessions_main
-from glmchat.sessions.domain import AssistantTurn, UserTurn
-from glmchat.sessions.records import FORMAT_VERSION, SessionFileError
-from glmchat.sessions.recorder import SessionRecorder, open_recorder
-from glmchat.sessions.store import SessionStore, load_session
 
 INFO = ModelInfo(name="Tiny", source="default", weights_dir="/w", digest="ab" * 32,
                  architecture="LlamaForCausalLM", n_params=1000, dtype="float32", n_layers=2,
@@ -193,7 +193,7 @@ def test_a_newer_format_version_is_refused(store: SessionStore) -> None:
     header["version"] = FORMAT_VERSION + 1
     newer = path.with_name("newer.jsonl")
     newer.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
-    with pytest.raises(SessionFileError, match="written by a newer glmchat .*upgrade glmchat"):
+    with pytest.raises(SessionFileError, match=r"written by a newer glmchat .*upgrade glmchat"):
         load_session(newer)
 
 

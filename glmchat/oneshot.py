@@ -67,6 +67,8 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
     verbose = args.verbose
     # --session FILE / --resume ID|FILE: checked before the worker starts, so a bad file fails fast
     recorder = open_recorder(config, args, oneshot=True)
+    for note in recorder.notes if recorder is not None else []:
+        print(f"glmchat: warning: {note}", file=sys.stderr)
     client = EngineClient()
     gen_id: str | None = None
     try:

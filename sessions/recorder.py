@@ -96,6 +96,7 @@ class SessionRecorder:
         self._path = path  # where a new session goes (--session FILE); else the store's dir
         self._conversation_ids: list[str] = []  # observe(): turn ids parallel to the turns
         self._regenerating: str | None = None  # observe(): the reply being made again
+        self.notes: list[str] = []  # for the user: lines skipped on resume, a model gone
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -111,6 +112,7 @@ class SessionRecorder:
         Call before ``start``. Problems with the file raise SessionFileError (a UsageError)."""
         path = ref if isinstance(ref, Path) else self.store.resolve(ref)
         self.session = self.store.load(path)
+        self.notes.extend(self.session.warnings)
         self._conversation_ids = [t.id for t in self.session.branch()]
         return self.session
 
@@ -302,7 +304,10 @@ class SessionRecorder:
 def open_recorder(config: Config, args: argparse.Namespace, *,
                   oneshot: bool = False) -> SessionRecorder | None:
     """The recorder the command line asks for: --session FILE, --resume ID|FILE, --no-save.
-    One-shot mode records only with --session or --resume (returns None otherwise)."""
+    One-shot mode records only with --session or --resume (returns None otherwise).
+
+    A resumed conversation continues with its own model (``config.model.path`` is set to it)
+    unless --model was typed, or that model is no longer there (then ``notes`` says so)."""
     session_file: Path | None = getattr(args, "session", None)
     resume: str | None = getattr(args, "resume", None)
     no_save = bool(getattr(args, "no_save", False))
@@ -318,6 +323,13 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
         recorder.resume(resume)
     elif session_file is not None and session_file.is_file() and session_file.stat().st_size:
         recorder.resume(session_file)
+    if recorder.session is not None and "model" not in vars(args):
+        source = recorder.session.latest_model().source
+        if source == "default" or Path(source).expanduser().exists():
+            config.model.path = source
+        elif source != config.model.path:
+            recorder.notes.append(f"the session's model {source} is not there any more; "
+                                  f"continuing with {config.model.path}")
     return recorder
 
 

@@ -4,6 +4,7 @@ No model is loaded; replies are made-up GenerationResults."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import random
@@ -403,3 +404,29 @@ def test_bad_files_give_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_continues_with_the_sessions_model_unless_one_is_typed(tmp_path: Path) -> None:
+    weights = tmp_path / "my-model"
+    weights.mkdir()
+    recorder = SessionRecorder(SessionStore(tmp_path / "sessions"))
+    recorder.start(dataclasses.replace(INFO, source=str(weights)), PLACEMENT)
+    recorder.user("hi")
+    assert recorder.path is not None
+    resume = argparse.Namespace(session=None, resume=recorder.path.stem, no_save=False)
+
+    config = _config(tmp_path)
+    resumed = open_recorder(config, resume, oneshot=True)
+    assert resumed is not None and resumed.notes == []
+    assert config.model.path == str(weights)
+    assert resumed.messages() == [ChatMessage("user", "hi")]
+
+    config = _config(tmp_path)
+    open_recorder(config, argparse.Namespace(**vars(resume), model="default"), oneshot=True)
+    assert config.model.path == "default"
+
+    weights.rmdir()
+    config = _config(tmp_path)
+    resumed = open_recorder(config, resume, oneshot=True)
+    assert resumed is not None and config.model.path == "default"
+    assert "is not there any more; continuing with default" in resumed.notes[0]

@@ -69,6 +69,9 @@ def to_markdown(session: Session) -> str:
         tiers = ", ".join(f"{n} on {tier}" for tier, n in
                           sorted(header.placement.layers_per_tier.items()))
         lines.append(f"- layers: {tiers} ({header.placement.runtime})")
+    replies = [t for t in session.assistant_turns() if t.generated]
+    lines.append(f"- {len(session.user_turns())} prompts, {len(replies)} replies, "
+                 f"{sum(len(t.token_ids) for t in replies)} tokens generated")
     settings = session.settings()
     if settings:
         lines.append("- settings changed: " + ", ".join(f"{k} = {v!r}"

@@ -68,7 +68,7 @@ class SessionSummary:
 
 @contextlib.contextmanager
 def _locked_append_fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: the last byte
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -89,7 +89,7 @@ def append_lines(path: Path, lines: bytes, header: bytes | None = None) -> bool:
                 raise SessionFileError(f"{path} is empty: it has no session header to append to")
             data = header + lines
             created = True
-        elif _last_byte(path, size) != b"\n":
+        elif os.pread(fd, 1, size - 1) != b"\n":
             # A torn last line (a crash mid-write): end it, so our line stays whole. The loader
             # skips the fragment with a warning.
             data = b"\n" + lines
@@ -101,14 +101,6 @@ def append_lines(path: Path, lines: bytes, header: bytes | None = None) -> bool:
     if created:
         _fsync_dir(path.parent)
     return created
-
-
-def _last_byte(path: Path, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, 1, size - 1)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

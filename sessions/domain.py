@@ -209,8 +209,14 @@ class Session:
         return model, placement
 
     def latest_model(self) -> ModelRecord:
+        return self.current_model()[0]
+
+    def current_model(self) -> tuple[ModelRecord, PlacementSummary | None]:
+        """The model (and its placement) the latest replies came from."""
         changes = [e for e in self.events if isinstance(e, ModelChanged)]
-        return changes[-1].model if changes else self.header.model
+        if changes:
+            return changes[-1].model, changes[-1].placement
+        return self.header.model, self.header.placement
 
     def first_prompt(self) -> str:
         users = self.user_turns()

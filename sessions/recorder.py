@@ -133,8 +133,7 @@ class SessionRecorder:
     def new(self) -> None:
         """Start a new conversation (/clear): the next turn goes to a new session file."""
         if self.session is not None:
-            old = self.session
-            self.session = self.store.new_session(old.latest_model(), old.header.placement)
+            self.session = self.store.new_session(*self.session.current_model())
         self._path = None
         self._conversation_ids = []
         self._regenerating = None
@@ -181,9 +180,19 @@ class SessionRecorder:
                     self.session.chosen_beam(turn)))
         return out
 
-    def settings(self) -> dict[str, Any]:
-        """Settings changed during the session, latest values (to restore on resume)."""
-        return self.session.settings() if self.session is not None else {}
+    def resumed_params(self, base: GenerationParams) -> GenerationParams:
+        """The generation settings to continue a resumed conversation with: the last reply's
+        params, then the settings changed after it (``base`` when there is no reply yet)."""
+        if self.session is None:
+            return base
+        params = base
+        known = {f.name for f in dataclasses.fields(GenerationParams)}
+        for event in self.session.events:
+            if isinstance(event, AssistantTurn) and event.generated:
+                params = event.params
+            elif isinstance(event, SettingChanged) and event.name in known:
+                params = params.replace(**{event.name: event.value})
+        return params
 
     # ---- recording -------------------------------------------------------------------------------
 
@@ -331,9 +340,3 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
             recorder.notes.append(f"the session's model {source} is not there any more; "
                                   f"continuing with {config.model.path}")
     return recorder
-
-
-def replace_params(params: GenerationParams, settings: dict[str, Any]) -> GenerationParams:
-    """``params`` with a resumed session's changed settings applied (unknown names ignored)."""
-    known = {f.name for f in dataclasses.fields(GenerationParams)}
-    return params.replace(**{k: v for k, v in settings.items() if k in known})

@@ -142,6 +142,8 @@ class Replayer:
         replies = [t for t in self.session.assistant_turns() if t.generated]
         report = ReplayReport(replies=len(replies))
         self.say(f"replaying {len(replies)} replies from {self.session.path}")
+        if not replies:
+            return report
         self.client.start()
         try:
             for number, turn in enumerate(replies, start=1):

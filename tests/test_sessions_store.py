@@ -430,3 +430,17 @@ def test_resume_continues_with_the_sessions_model_unless_one_is_typed(tmp_path: 
     resumed = open_recorder(config, resume, oneshot=True)
     assert resumed is not None and config.model.path == "default"
     assert "is not there any more; continuing with default" in resumed.notes[0]
+
+
+def test_resumed_params_are_the_last_replys_then_later_settings(store: SessionStore) -> None:
+    recorder = recorded(store)
+    base = GenerationParams()
+    assert recorder.resumed_params(base) == base
+    recorder.user("q")
+    recorder.assistant(result("a", strategy="sample", seed=9))
+    recorder.settings_changed(GenerationParams(strategy="sample"),
+                              GenerationParams(strategy="sample", temperature=0.2))
+    resumed = SessionRecorder(store)
+    resumed.resume(recorder.path or Path())
+    params = resumed.resumed_params(base)
+    assert (params.strategy, params.seed, params.temperature) == ("sample", 9, 0.2)

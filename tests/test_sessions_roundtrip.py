@@ -60,13 +60,15 @@ def test_replay_check_passes(saved: Path) -> None:
 
 
 def test_a_hand_edited_reply_fails_the_check_with_a_diff(saved: Path, tmp_path: Path) -> None:
-    header, user, reply = saved.read_text().splitlines()[:3]
-    record = json.loads(reply)
-    record["token_ids"][2] += 1
+    header, user, reply = (json.loads(line) for line in saved.read_text().splitlines()[:3])
+    reply["token_ids"][2] += 1
+    header["model"]["digest"] = "0" * 64  # as if the weights had changed since
     edited = tmp_path / "edited.jsonl"
-    edited.write_text("\n".join([header, user, json.dumps(record)]) + "\n")
+    edited.write_text("".join(json.dumps(r) + "\n" for r in (header, user, reply)))
     replay = run_cli("replay", str(edited), "--check")
     assert replay.returncode == 1, replay.stdout + replay.stderr
+    assert "weights differ from the session's" in replay.stderr
+    assert replay.stderr.index("weights differ") < replay.stderr.index("1 of 1 replies differ")
     assert "the reply's tokens diverge at token 2" in replay.stdout
     assert "recorded ids" in replay.stdout and "replayed ids" in replay.stdout
     assert "1 of 1 replies differ" in replay.stderr

@@ -205,6 +205,8 @@ class GlmchatApp(App[int]):
             elif isinstance(event, Memory):
                 self.panel.show_memory(event)
             elif isinstance(event, LoadProgress):
+                if self.phase == "starting":
+                    self.panel.show_status(f"loading {self.config.model.path}…")
                 self.phase = "loading"
                 self.panel.show_loading(event.done, event.total, event.what,
                                         eta(time.monotonic() - self.load_started, event.done,

@@ -17,6 +17,7 @@ from textual.widgets import ProgressBar, Sparkline, Static
 from glmchat.params import GenerationParams
 from glmchat.protocol import GenerationResult, Loaded, Memory, Placement, StepStats
 
+GIB = 1 << 30
 SPARK_STEPS = 48  # decode steps the sparkline shows
 TIER_ORDER = ("cuda", "mps", "cpu", "disk")
 
@@ -63,6 +64,10 @@ class SidePanel(VerticalScroll):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.decode_steps: deque[float] = deque(maxlen=SPARK_STEPS)
+
+    def on_mount(self) -> None:
+        self.query_one("#load-bar").display = False  # until there is progress to show
+        self.query_one("#load-what").display = False
 
     def compose(self) -> ComposeResult:
         with Vertical(id="model-box", classes="box") as box:
@@ -145,8 +150,8 @@ class SidePanel(VerticalScroll):
     def show_memory(self, memory: Memory) -> None:
         rows: list[tuple[str, str | Text]] = []
         for device in memory.devices:
-            bar = usage_bar(device.used, device.total)
-            bar.append(f" {human_bytes(device.used)}/{human_bytes(device.total)}")
+            bar = usage_bar(device.used, device.total, width=10)
+            bar.append(f" {device.used / GIB:.1f}/{device.total / GIB:.0f} GiB")
             rows.append((device.name.split(" ")[0], bar))
         rows.append(("CPU RSS", human_bytes(memory.cpu_rss)))
         rows.append(("disk", human_bytes(memory.disk_bytes)))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from glmchat.params import GenerationParams
 from glmchat.tui.commands import (
     ActionRequested,
     CommandFailed,
@@ -14,6 +12,8 @@ from glmchat.tui.commands import (
     parse_value,
     run_command,
 )
+
+from glmchat.params import GenerationParams
 
 PARAMS = GenerationParams()
 

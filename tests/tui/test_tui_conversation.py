@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from glmchat.tui.conversation import Change, Conversation
 
 from glmchat.params import GenerationParams
 from glmchat.protocol import Beam, GenerationResult, Timings
-from glmchat.tui.conversation import Change, Conversation
 
 
 def result(text: str, beams: list[str] | None = None) -> GenerationResult:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prompt_toolkit.history import FileHistory
-
 from glmchat.tui.format import eta, human_bytes
 from glmchat.tui.history import PromptHistory, load_history
 from glmchat.tui.plain import clean_input, input_complete
+from prompt_toolkit.history import FileHistory
 
 
 def test_backslash_continues_a_line() -> None:

@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from glmchat.tui.app import GlmchatApp, Options, make_app
+from glmchat.tui.engine_link import EngineLink
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
+from tui_fixtures import LOADED, MEMORY_CPU_ONLY, MEMORY_GPU, beam_result, greedy_result, steps
 
 from glmchat.config import Config
 from glmchat.protocol import Finished, LoadProgress, Token
-from glmchat.tui.app import GlmchatApp, Options, make_app
-from glmchat.tui.engine_link import EngineLink
-
-from tui_fixtures import LOADED, MEMORY_CPU_ONLY, MEMORY_GPU, beam_result, greedy_result, steps
 
 SIZE = (140, 44)
 SnapCompare = Callable[..., bool]

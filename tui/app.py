@@ -18,8 +18,6 @@ from glmchat.tui.conversation import Conversation, start_conversation
 from glmchat.tui.engine_link import EngineLink
 from glmchat.tui.format import eta, stats_line
 from glmchat.tui.history import PromptHistory
-from glmchat.tui.screens.beams import BeamScreen
-from glmchat.tui.screens.settings import SettingsScreen
 from glmchat.tui.widgets.prompt import PromptEditor
 from glmchat.tui.widgets.side_panel import SidePanel
 from glmchat.tui.widgets.transcript import Reply, Transcript, UserPrompt
@@ -27,6 +25,7 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
 from textual.widgets import Footer, TextArea
 
 from glmchat import paths
@@ -133,8 +132,12 @@ class GlmchatApp(App[int]):
         self.panel.show_settings(self.params)
         self.editor.focus()
         if self.options.start_engine:
-            self.load_started = time.monotonic()
-            self.link.start()
+            # After the first frame: spawning the worker competes with the first paint.
+            self.call_after_refresh(self._start_engine)
+
+    def _start_engine(self) -> None:
+        self.load_started = time.monotonic()
+        self.link.start()
 
     async def on_unmount(self) -> None:
         await asyncio.to_thread(self.link.close)
@@ -316,7 +319,7 @@ class GlmchatApp(App[int]):
             self.editing = None
             self._show_editing(None)
             self.editor.clear()
-        elif isinstance(self.screen, SettingsScreen | BeamScreen):
+        elif isinstance(self.screen, ModalScreen):
             self.screen.dismiss(None)
 
     def action_interrupt(self) -> None:
@@ -375,6 +378,8 @@ class GlmchatApp(App[int]):
             self.notify("The last reply has no beams: /strategy beam 4 first.",
                         severity="warning")
             return
+        from glmchat.tui.screens.beams import BeamScreen  # imported on first use: faster start
+
         self.push_screen(BeamScreen(last.result.beams, last.beam_index), self._beam_chosen)
 
     async def _beam_chosen(self, index: int | None) -> None:
@@ -394,6 +399,8 @@ class GlmchatApp(App[int]):
             await reply.finish(turn.content, stats)
 
     def action_settings(self) -> None:
+        from glmchat.tui.screens.settings import SettingsScreen  # imported on first use
+
         self.push_screen(SettingsScreen(self.params), self._settings_saved)
 
     def _settings_saved(self, params: GenerationParams | None) -> None:

@@ -8,12 +8,16 @@ as one ``Change``; a session store records turns by subscribing, nothing else.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from glmchat.config import Config
 from glmchat.protocol import ChatMessage, GenerationResult, Loaded
+
+if TYPE_CHECKING:
+    import argparse
+
+    from glmchat.config import Config
 
 
 @dataclass

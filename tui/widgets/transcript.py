@@ -5,9 +5,8 @@ a reply streams, until the user scrolls up."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from markdown_it import MarkdownIt
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -16,13 +15,19 @@ from textual.events import Click
 from textual.message import Message
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Markdown, Static
+from textual.widgets import Static
+
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from textual.widgets import Markdown
 
 RENDER_EVERY_S = 1 / 15  # a fast model's tokens are coalesced into at most this many repaints
 
 
 def chat_markdown_parser() -> MarkdownIt:
     """Markdown as chat models write it: a single newline is a line break, not a space."""
+    from markdown_it import MarkdownIt
+
     return MarkdownIt("gfm-like", {"breaks": True})
 
 
@@ -62,6 +67,10 @@ class Reply(Vertical):
         self.border_title = "Assistant"
 
     def compose(self) -> ComposeResult:
+        # Imported with the first reply, not at start: markdown-it is a good part of a first
+        # paint's budget.
+        from textual.widgets import Markdown
+
         yield Markdown("", classes="reply-text", parser_factory=chat_markdown_parser)
         yield Static("", classes="reply-stats")
 
@@ -81,7 +90,9 @@ class Reply(Vertical):
         stats.set_class(error, "error")
 
     async def _render_pending(self) -> None:
-        markdown = self.query_one(Markdown)
+        from textual.widgets import Markdown
+
+        markdown = self.query_one(".reply-text", Markdown)
         if self._replaced:
             self._replaced = False
             self._rendered = len(self.text)
@@ -99,7 +110,9 @@ class Reply(Vertical):
         self.text = text
         self._rendered = len(text)
         self._replaced = False
-        await self.query_one(Markdown).update(text)
+        from textual.widgets import Markdown
+
+        await self.query_one(".reply-text", Markdown).update(text)
         self.set_status(stats, error)
 
 

@@ -11,6 +11,7 @@ editor holding it (the k-th keypress is seen when k of them appear in a row).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pty
 import select
@@ -45,10 +46,8 @@ class Terminal:
     def read(self, timeout: float) -> None:
         ready, _, _ = select.select([self.master], [], [], timeout)
         if ready:
-            try:
+            with contextlib.suppress(OSError):
                 self.output += os.read(self.master, 1 << 16).decode("utf-8", "replace")
-            except OSError:
-                pass
 
     def wait_for(self, text: str, timeout: float, since: int = 0) -> float:
         """Seconds until ``text`` appears in the output after position ``since``."""

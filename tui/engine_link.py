@@ -75,6 +75,8 @@ class EngineLink:
                             exclusive=True, name="engine-reader", exit_on_error=False)
 
     def _run(self, stop: threading.Event, restart: bool) -> None:
+        # This thread spawns the worker and lives as long as it does: the worker's parent-death
+        # signal (PR_SET_PDEATHSIG) fires when the thread that spawned it ends.
         worker = get_current_worker()
         try:
             ensure_resource_tracker(self.client.stderr_path or worker_log_path())

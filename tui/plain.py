@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import queue
 import sys
+import threading
 from typing import Any, TextIO
 
 from glmchat.tui import commands
@@ -27,7 +29,7 @@ from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
-from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, Token
+from glmchat.protocol import Event, Finished, GenerationResult, Loaded, LoadProgress, Token
 
 FENCE = '"""'
 KEYS_HELP = ('Enter sends · a line ending in \\ continues · Ctrl+J or Esc Enter: newline · '
@@ -99,6 +101,9 @@ class PlainRepl:
             history=history, multiline=True, key_bindings=key_bindings(), input=input,
             output=output, prompt_continuation=lambda width, line, wrap: "... ".rjust(width))
         self.interrupts = 0  # Ctrl+C presses in a row at the prompt
+        self.loader: threading.Thread | None = None
+        self.load_events: queue.Queue[Event] = queue.Queue()
+        self.load_error: Exception | None = None
 
     # ---- output ---------------------------------------------------------------------------------
 
@@ -115,17 +120,44 @@ class PlainRepl:
 
     # ---- the worker -----------------------------------------------------------------------------
 
-    def ensure_ready(self) -> None:
-        """Start the worker and load the model, if that is not done (or the worker died)."""
-        if self.client.alive and self.client.loaded is not None:
-            return
+    def start_loading(self) -> None:
+        """Start the worker and load the model in a thread, so the prompt is usable at once."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.load_events = events
+        self.load_error = None
+
+        # The process is started here, in the main thread: the worker's parent-death signal
+        # fires when the *thread* that spawned it ends, and the loader thread ends soon.
         if self.client.crash is not None or (self.client.pid is not None
                                              and not self.client.alive):
-            self.say("restarting the worker…", "dim")
             self.client.restart()
         elif not self.client.alive:
             self.client.start()
-        for event in self.client.load(self.config.model.spec()):
+
+        def load() -> None:
+            try:
+                for event in self.client.load(self.config.model.spec()):
+                    events.put(event)
+            except Exception as exc:  # reported by ensure_ready, in the main thread
+                self.load_error = exc
+
+        self.loader = threading.Thread(target=load, name="load", daemon=True)
+        self.loader.start()
+
+    def ensure_ready(self) -> None:
+        """Wait for the model (printing the load's progress); restart a dead worker first."""
+        if self.loader is None:
+            if self.client.alive and self.client.loaded is not None:
+                return
+            self.say("starting the worker…" if self.client.pid is None
+                     else "restarting the worker…", "dim")
+            self.start_loading()
+        assert self.loader is not None
+        while self.loader.is_alive() or not self.load_events.empty():
+            try:
+                event = self.load_events.get(timeout=0.1)
+            except queue.Empty:
+                continue
             if isinstance(event, LoadProgress):
                 self.say(f"[{event.done}/{event.total}] {event.what}", "dim")
             elif isinstance(event, Loaded):
@@ -134,6 +166,10 @@ class PlainRepl:
                 self.say(f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
                          f"{human_bytes(sum(event.placement.bytes_per_tier.values()))})", "dim")
                 self.conversation.set_model(event)
+        self.loader = None
+        if self.load_error is not None:
+            error, self.load_error = self.load_error, None
+            raise error
 
     def reply(self) -> None:
         """Generate the reply to the conversation as it stands, streaming it out."""
@@ -164,6 +200,8 @@ class PlainRepl:
         try:
             try:
                 for event in self.client.stream(gen_id):
+                    if getattr(event, "id", gen_id) != gen_id:
+                        continue  # a reply given up on earlier, still draining
                     if isinstance(event, Token) and event.provisional:
                         provisional = True
                         text = event.text
@@ -180,12 +218,16 @@ class PlainRepl:
             except KeyboardInterrupt:
                 self.client.cancel(gen_id)
                 self.interrupts = 1  # a second Ctrl+C at the prompt leaves
-                for event in self.client.stream(gen_id):
-                    if isinstance(event, Finished):
-                        if provisional:
-                            self.write("\r\x1b[2K" if self.color else "")
-                            self.write(event.result.text)
-                        return event.result.text, event.result
+                try:
+                    for event in self.client.stream(gen_id):
+                        if isinstance(event, Finished) and event.id == gen_id:
+                            if provisional:
+                                self.write("\r\x1b[2K" if self.color else "")
+                                self.write(event.result.text)
+                            return event.result.text, event.result
+                except KeyboardInterrupt:
+                    self.write("\n")
+                    return text, None  # stop waiting; the worker's late events are skipped
         except GlmchatError as exc:
             self.write("\n")
             crashed = not self.client.alive
@@ -238,7 +280,8 @@ class PlainRepl:
                 return True
             self.say(f"continuing with beam {number}:\n{turn.content}")
         elif action == "restart":
-            self.client.restart()
+            self.ensure_ready()  # a load under way finishes first
+            self.client.close()
             self.ensure_ready()
         return True
 
@@ -285,7 +328,8 @@ class PlainRepl:
     def run(self) -> int:
         self.say(f"glmchat --plain · /help for commands · {KEYS_HELP}", "dim")
         try:
-            self.ensure_ready()
+            if self.client.loaded is None:
+                self.start_loading()
             while True:
                 line = self.read()
                 if line is None:
@@ -302,7 +346,12 @@ class PlainRepl:
                 if self.raw:
                     self.conversation.clear()
                 self.conversation.add_user(text)
-                self.reply()
+                try:
+                    self.reply()
+                except KeyboardInterrupt:  # only while waiting for the model: see _stream
+                    self.say("\n(not sent: the model was still loading; /regen sends it)",
+                             "dim")
+                    self.interrupts = 1
         except UsageError:
             raise
         except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import io
 import threading
 
 import pytest
+from glmchat.tui.plain import PlainRepl
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
@@ -15,7 +16,6 @@ from prompt_toolkit.output import DummyOutput
 from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.params import GenerationParams
-from glmchat.tui.plain import PlainRepl
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ from textual.widgets import Static
 
 if TYPE_CHECKING:
     from markdown_it import MarkdownIt
-    from textual.widgets import Markdown
 
 RENDER_EVERY_S = 1 / 15  # a fast model's tokens are coalesced into at most this many repaints
 

@@ -36,7 +36,13 @@ from glmchat.protocol import (
 )
 
 
-def _worker_entry(conn: Connection, parent_pid: int) -> None:
+def _worker_entry(conn: Connection, parent_pid: int, stderr_path: str | None = None) -> None:
+    if stderr_path is not None:
+        # A full-screen front end owns the terminal: the worker's warnings and progress bars
+        # go to a log file instead of over the screen.
+        log = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 2)
+        os.close(log)
     # Imported here so that only the child process pays for torch.
     from glmchat.model.worker import run_worker
 
@@ -60,9 +66,11 @@ def describe_exit(exitcode: int | None) -> str:
 
 class EngineClient:
     """Start, talk to and stop one worker process. ``send`` is thread-safe; ``recv`` belongs to
-    one reader thread at a time."""
+    one reader thread at a time. ``stderr_path``: where the worker's stderr goes (default: the
+    front end's own stderr)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stderr_path: str | None = None) -> None:
+        self.stderr_path = stderr_path
         self._ctx = mp.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
@@ -77,8 +85,8 @@ class EngineClient:
     def start(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         self._process = self._ctx.Process(
-            target=_worker_entry, args=(child_conn, os.getpid()), name="glmchat-worker",
-            daemon=True)
+            target=_worker_entry, args=(child_conn, os.getpid(), self.stderr_path),
+            name="glmchat-worker", daemon=True)
         self._process.start()
         child_conn.close()
         self._conn = parent_conn

@@ -1,0 +1,133 @@
+"""The TUI's link to the worker: starts it and loads the model, then reads its events in a
+thread worker and posts them to the app in batches. It never touches a widget; the app's
+``@on`` handlers own every state change."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from dataclasses import dataclass
+
+from textual.app import App
+from textual.message import Message
+from textual.worker import get_current_worker
+
+from glmchat import paths
+from glmchat.client import EngineClient
+from glmchat.errors import GlmchatError
+from glmchat.params import GenerationParams
+from glmchat.protocol import ChatMessage, Event, Load, ModelSpec
+
+BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per repaint
+
+
+def worker_log_path() -> str:
+    """Where the worker's stderr goes while the TUI owns the terminal."""
+    log = paths.cache_dir() / "worker.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return str(log)
+
+
+def ensure_resource_tracker(log_path: str) -> None:
+    """Start multiprocessing's resource tracker with a real file as its stderr. It hands
+    ``sys.stderr.fileno()`` to the child, and under Textual ``sys.stderr`` is a capture object
+    without a usable descriptor, which makes every spawn fail."""
+    from multiprocessing import resource_tracker
+
+    with open(log_path, "a", encoding="utf-8") as log:
+        saved, sys.stderr = sys.stderr, log
+        try:
+            resource_tracker.ensure_running()
+        finally:
+            sys.stderr = saved
+
+
+class EngineLink:
+    """Owns (or borrows) an EngineClient for an app. ``start`` runs in a thread worker:
+    start the process if needed, load the model if needed, then read until the worker dies or
+    the app stops the link."""
+
+    @dataclass
+    class EventsReceived(Message):
+        events: list[Event]
+
+    @dataclass
+    class WorkerDied(Message):
+        cause: str
+
+    def __init__(self, app: App[int], spec: ModelSpec, client: EngineClient | None = None):
+        self.app = app
+        self.spec = spec
+        self.owned = client is None
+        self.client = client if client is not None else EngineClient(worker_log_path())
+        self._stop = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.client.pid
+
+    def start(self, restart: bool = False) -> None:
+        """Read events from now on; ``restart``: first replace the worker with a fresh one."""
+        self._stop.set()  # a reader still running from before ends within one poll
+        stop = self._stop = threading.Event()
+        self.app.run_worker(lambda: self._run(stop, restart), thread=True, group="engine",
+                            exclusive=True, name="engine-reader", exit_on_error=False)
+
+    def _run(self, stop: threading.Event, restart: bool) -> None:
+        # This thread spawns the worker and lives as long as it does: the worker's parent-death
+        # signal (PR_SET_PDEATHSIG) fires when the thread that spawned it ends.
+        worker = get_current_worker()
+        try:
+            ensure_resource_tracker(self.client.stderr_path or worker_log_path())
+            if restart:
+                self.client.restart()
+            elif not self.client.alive:
+                self.client.start()
+            if self.client.loaded is None or self.client.loaded.info.source != self.spec.path:
+                self.client.send(Load(self.spec))
+            else:
+                # A borrowed client that already holds the model (tests, a restarted app).
+                self.app.post_message(self.EventsReceived([self.client.loaded]))
+                self.client.request_stats()
+            while not stop.is_set() and not worker.is_cancelled:
+                event = self.client.recv(timeout=0.25)
+                if event is None:
+                    continue
+                batch = [event]
+                while len(batch) < BATCH_MAX:
+                    more = self.client.recv(timeout=0)
+                    if more is None:
+                        break
+                    batch.append(more)
+                self.app.post_message(self.EventsReceived(batch))
+        except GlmchatError as exc:
+            if not stop.is_set():
+                self.app.post_message(self.WorkerDied(str(exc)))
+        except Exception as exc:  # the reader must report, never vanish
+            if not stop.is_set():
+                self.app.post_message(self.WorkerDied(f"{type(exc).__name__}: {exc}"))
+
+    # ---- requests (from the app's thread; EngineClient.send is thread-safe) -------------------
+
+    def generate(self, params: GenerationParams, messages: list[ChatMessage], prompt: str,
+                 raw: bool) -> str:
+        return self.client.generate(params, messages=messages, prompt=prompt, raw=raw)
+
+    def cancel(self, gen_id: str) -> None:
+        with contextlib.suppress(GlmchatError):
+            self.client.cancel(gen_id)
+
+    def request_stats(self) -> None:
+        with contextlib.suppress(GlmchatError):
+            self.client.request_stats()
+
+    def stop_reading(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop reading and, if the app owns the worker, shut it down (blocks up to seconds)."""
+        self._stop.set()
+        if self.owned:
+            self.client.close(timeout=3.0)
+

@@ -1,0 +1,52 @@
+"""Numbers as the user reads them: bytes, rates, durations, the per-reply stats line."""
+
+from __future__ import annotations
+
+from glmchat.protocol import GenerationResult
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def eta(elapsed_s: float, done: int, total: int) -> str:
+    """Time left at the rate so far; '' until there is a rate to go on."""
+    if done <= 0 or total <= 0 or done >= total or elapsed_s <= 0:
+        return ""
+    return duration(elapsed_s / done * (total - done))
+
+
+def stats_line(result: GenerationResult) -> str:
+    """One line under each reply: tokens, speeds, TTFT, strategy, how it ended."""
+    t = result.timings
+    strategy = result.strategy
+    if strategy == "beam":
+        strategy = f"beam × {result.params.num_beams}"
+    elif strategy == "sample":
+        strategy = f"sample T={result.params.temperature:g} seed {result.seed}"
+    parts = [f"{len(result.token_ids)} tokens", f"{t.decode_tokens_per_s:.1f} tok/s",
+             f"prefill {t.prefill_tokens_per_s:.0f} tok/s", f"TTFT {duration(t.ttft_s)}",
+             strategy]
+    if result.finish_reason != "eos":
+        parts.append({"length": "hit max_new_tokens", "cancelled": "stopped",
+                      "stop": "stop string"}.get(result.finish_reason, result.finish_reason))
+    return " · ".join(parts)

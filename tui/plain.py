@@ -1,0 +1,368 @@
+"""`glmchat --plain`: a prompt_toolkit line REPL for terminals where a full-screen app is unwanted.
+
+Enter sends. A line ending in a backslash continues on the next line; Ctrl+J (or Esc then
+Enter) inserts a newline; a block between lines of three double quotes (\"\"\") is one prompt;
+pasted text is inserted as is. Ctrl+C stops a reply; at the prompt, a second Ctrl+C in a row or
+Ctrl+D leaves. The slash commands are the TUI's (glmchat.tui.commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import queue
+import sys
+import threading
+from typing import Any, TextIO
+
+from glmchat.tui import commands
+from glmchat.tui.conversation import Conversation, start_conversation
+from glmchat.tui.format import human_bytes, stats_line
+from prompt_toolkit import PromptSession
+from prompt_toolkit.history import FileHistory, History
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.output import Output
+
+from glmchat import paths
+from glmchat.client import EngineClient
+from glmchat.config import Config
+from glmchat.errors import GlmchatError, UsageError
+from glmchat.params import GenerationParams
+from glmchat.protocol import Event, Finished, GenerationResult, Loaded, LoadProgress, Token
+
+FENCE = '"""'
+KEYS_HELP = ('Enter sends · a line ending in \\ continues · Ctrl+J or Esc Enter: newline · '
+             '""" on its own line starts and ends a block · Ctrl+C stops a reply · '
+             'Ctrl+C twice or Ctrl+D leaves')
+
+
+def input_complete(text: str) -> bool:
+    """Whether Enter should send ``text``: not when the last line ends in a backslash or a
+    \"\"\" block is still open."""
+    if text.endswith("\\"):
+        return False
+    stripped = text.lstrip()
+    if stripped.startswith(FENCE):
+        body = stripped[len(FENCE):]
+        return FENCE in body
+    return True
+
+
+def clean_input(text: str) -> str:
+    """The prompt as meant: fences removed, backslash continuations joined by newlines."""
+    stripped = text.strip()
+    if stripped.startswith(FENCE):
+        body = stripped[len(FENCE):]
+        end = body.rfind(FENCE)
+        return (body[:end] if end >= 0 else body).strip("\n")
+    return "\n".join(line[:-1] if line.endswith("\\") else line for line in text.split("\n"))
+
+
+def key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _enter(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if input_complete(buffer.text):
+            buffer.validate_and_handle()
+        else:
+            buffer.insert_text("\n")
+
+    @bindings.add("c-j")
+    @bindings.add("escape", "enter")
+    def _newline(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+class PlainRepl:
+    """The REPL loop. ``input``/``output`` (prompt_toolkit) and ``out`` are injectable for
+    tests; ``client`` borrows a running worker instead of starting one."""
+
+    def __init__(self, config: Config, args: argparse.Namespace | None = None, *,
+                 client: EngineClient | None = None, out: TextIO | None = None,
+                 input: Input | None = None, output: Output | None = None,
+                 history: History | None = None) -> None:
+        self.config = config
+        self.raw = bool(getattr(args, "raw", False))
+        self.params: GenerationParams = config.generation
+        self.conversation: Conversation = start_conversation(config, args)
+        self.owned = client is None
+        self.client = client or EngineClient()
+        self.out = out or sys.stdout
+        self.color = self.out.isatty()
+        if history is None:
+            paths.history_file().parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(paths.history_file()))
+        self.session: PromptSession[str] = PromptSession(
+            history=history, multiline=True, key_bindings=key_bindings(), input=input,
+            output=output, prompt_continuation=lambda width, line, wrap: "... ".rjust(width))
+        self.interrupts = 0  # Ctrl+C presses in a row at the prompt
+        self.loader: threading.Thread | None = None
+        self.load_events: queue.Queue[Event] = queue.Queue()
+        self.load_error: Exception | None = None
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    def say(self, text: str, style: str = "") -> None:
+        codes = {"dim": "2", "error": "31", "bold": "1"}
+        if self.color and style in codes:
+            text = f"\x1b[{codes[style]}m{text}\x1b[0m"
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    # ---- the worker -----------------------------------------------------------------------------
+
+    def start_loading(self) -> None:
+        """Start the worker and load the model in a thread, so the prompt is usable at once."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.load_events = events
+        self.load_error = None
+
+        # The process is started here, in the main thread: the worker's parent-death signal
+        # fires when the *thread* that spawned it ends, and the loader thread ends soon.
+        if self.client.crash is not None or (self.client.pid is not None
+                                             and not self.client.alive):
+            self.client.restart()
+        elif not self.client.alive:
+            self.client.start()
+
+        def load() -> None:
+            try:
+                for event in self.client.load(self.config.model.spec()):
+                    events.put(event)
+            except Exception as exc:  # reported by ensure_ready, in the main thread
+                self.load_error = exc
+
+        self.loader = threading.Thread(target=load, name="load", daemon=True)
+        self.loader.start()
+
+    def ensure_ready(self) -> None:
+        """Wait for the model (printing the load's progress); restart a dead worker first."""
+        if self.loader is None:
+            if self.client.alive and self.client.loaded is not None:
+                return
+            self.say("starting the worker…" if self.client.pid is None
+                     else "restarting the worker…", "dim")
+            self.start_loading()
+        assert self.loader is not None
+        while self.loader.is_alive() or not self.load_events.empty():
+            try:
+                event = self.load_events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(event, LoadProgress):
+                self.say(f"[{event.done}/{event.total}] {event.what}", "dim")
+            elif isinstance(event, Loaded):
+                tiers = ", ".join(f"{n} on {t}" for t, n in
+                                  sorted(event.placement.layers_per_tier.items()))
+                self.say(f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
+                         f"{human_bytes(sum(event.placement.bytes_per_tier.values()))})", "dim")
+                self.conversation.set_model(event)
+        self.loader = None
+        if self.load_error is not None:
+            error, self.load_error = self.load_error, None
+            raise error
+
+    def reply(self) -> None:
+        """Generate the reply to the conversation as it stands, streaming it out."""
+        self.ensure_ready()
+        messages = self.conversation.messages()
+        params = self.params
+        if params.strategy == "beam":
+            params = params.replace(num_return_sequences=max(params.num_return_sequences,
+                                                             params.num_beams))
+        gen_id = self.client.generate(params, messages=[] if self.raw else messages,
+                                      prompt=messages[-1].content, raw=self.raw)
+        if self.raw:
+            self.write("Output: ")
+        text, result = self._stream(gen_id)
+        if result is not None:
+            self.conversation.add_assistant(result)
+            self.write("\n")
+            line = stats_line(result)
+            if len(result.beams) > 1:
+                line += f" · {len(result.beams)} beams: /beams lists them, /pick N"
+            self.say(f"[{line}]", "dim")
+        elif text:
+            self.conversation.add_assistant(None, text)
+
+    def _stream(self, gen_id: str) -> tuple[str, GenerationResult | None]:
+        text = ""
+        provisional = False
+        try:
+            try:
+                for event in self.client.stream(gen_id):
+                    if getattr(event, "id", gen_id) != gen_id:
+                        continue  # a reply given up on earlier, still draining
+                    if isinstance(event, Token) and event.provisional:
+                        provisional = True
+                        text = event.text
+                        if self.color:
+                            self.write(f"\r\x1b[2K(beam search: {len(text)} characters so far)")
+                    elif isinstance(event, Token):
+                        text += event.text
+                        self.write(event.text)
+                    elif isinstance(event, Finished):
+                        if provisional:
+                            self.write("\r\x1b[2K" if self.color else "")
+                            self.write(event.result.text)
+                        return event.result.text, event.result
+            except KeyboardInterrupt:
+                self.client.cancel(gen_id)
+                self.interrupts = 1  # a second Ctrl+C at the prompt leaves
+                try:
+                    for event in self.client.stream(gen_id):
+                        if isinstance(event, Finished) and event.id == gen_id:
+                            if provisional:
+                                self.write("\r\x1b[2K" if self.color else "")
+                                self.write(event.result.text)
+                            return event.result.text, event.result
+                except KeyboardInterrupt:
+                    self.write("\n")
+                    return text, None  # stop waiting; the worker's late events are skipped
+        except GlmchatError as exc:
+            self.write("\n")
+            crashed = not self.client.alive
+            self.say(f"{'the worker stopped' if crashed else 'the reply failed'}: {exc}"
+                     + ("; the conversation is kept and the next prompt restarts the worker"
+                        if crashed else ""), "error")
+        return text, None
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False when it asks to leave."""
+        outcome = commands.run_command(line, self.params)
+        if isinstance(outcome, commands.CommandFailed):
+            self.say(outcome.error, "error")
+        elif isinstance(outcome, commands.SettingsChanged):
+            self.params = outcome.params
+            self.say(outcome.message, "dim")
+        else:
+            return self.action(outcome)
+        return True
+
+    def action(self, outcome: commands.ActionRequested) -> bool:
+        action, number = outcome.action, outcome.argument
+        if action == "quit":
+            return False
+        if action == "help":
+            self.say(KEYS_HELP + "\n" + commands.help_text())
+        elif action == "settings":
+            self.say(commands.settings_text(self.params))
+        elif action == "clear":
+            self.conversation.clear()
+            self.say("new conversation", "dim")
+        elif action == "regen":
+            try:
+                self.conversation.regenerate()
+            except LookupError as exc:
+                self.say(str(exc), "error")
+                return True
+            self.reply()
+        elif action == "edit":
+            self._edit(number)
+        elif action == "beams":
+            self._beams()
+        elif action == "pick":
+            try:
+                turn = self.conversation.choose_beam((number or 1) - 1)
+            except (LookupError, IndexError) as exc:
+                self.say(str(exc), "error")
+                return True
+            self.say(f"continuing with beam {number}:\n{turn.content}")
+        elif action == "restart":
+            self.ensure_ready()  # a load under way finishes first
+            self.client.close()
+            self.ensure_ready()
+        return True
+
+    def _edit(self, number: int | None) -> None:
+        prompts = self.conversation.user_indexes()
+        if not prompts or (number is not None and number > len(prompts)):
+            self.say(f"there are {len(prompts)} prompts to edit", "error")
+            return
+        index = prompts[(number or len(prompts)) - 1]
+        text = self.session.prompt("Edit> ", default=self.conversation.turns[index].content)
+        if text.strip():
+            self.conversation.edit(index, clean_input(text))
+            self.reply()
+
+    def _beams(self) -> None:
+        last = self.conversation.last_assistant()
+        if last is None or last.result is None or len(last.result.beams) < 2:
+            self.say("the last reply has no beams: /strategy beam 4 first", "error")
+            return
+        for number, beam in enumerate(last.result.beams, 1):
+            mark = "  (in the conversation)" if number - 1 == last.beam_index else ""
+            self.say(f"#{number} score {beam.score:.3f} · {len(beam.token_ids)} tokens{mark}",
+                     "bold")
+            self.say(beam.text.strip() or "(empty)")
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def read(self) -> str | None:
+        """One prompt from the user; None to leave."""
+        while True:
+            try:
+                text = self.session.prompt("Input: " if self.raw else "> ")
+            except KeyboardInterrupt:
+                if self.interrupts >= 1:
+                    return None
+                self.interrupts += 1
+                self.say("(Ctrl+C again or Ctrl+D to leave)", "dim")
+                continue
+            except EOFError:
+                return None
+            self.interrupts = 0
+            return text
+
+    def run(self) -> int:
+        self.say(f"glmchat --plain · /help for commands · {KEYS_HELP}", "dim")
+        try:
+            if self.client.loaded is None:
+                self.start_loading()
+            while True:
+                line = self.read()
+                if line is None:
+                    return 0
+                if not line.strip():
+                    continue
+                if commands.is_command(line.strip()):
+                    if not self.command(line.strip()):
+                        return 0
+                    continue
+                text = clean_input(line)
+                if text.startswith("//"):
+                    text = text[1:]
+                if self.raw:
+                    self.conversation.clear()
+                self.conversation.add_user(text)
+                try:
+                    self.reply()
+                except KeyboardInterrupt:  # only while waiting for the model: see _stream
+                    self.say("\n(not sent: the model was still loading; /regen sends it)",
+                             "dim")
+                    self.interrupts = 1
+        except UsageError:
+            raise
+        except KeyboardInterrupt:
+            self.write("\n")
+            return 130
+        finally:
+            if self.owned:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+
+
+def run_plain(config: Config, args: argparse.Namespace, **kwargs: Any) -> int:
+    return PlainRepl(config, args, **kwargs).run()
+

@@ -15,6 +15,7 @@ the GIL, so disk waits in the reader never stall the compute thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -150,10 +151,9 @@ class MappedFile:
     def close(self) -> None:
         if self.fd >= 0:
             del self.whole
-            try:
+            # A tensor may still view the mapping: it then goes when the last view goes.
+            with contextlib.suppress(BufferError):
                 self.mm.close()
-            except BufferError:
-                pass  # a tensor still views the mapping; it goes when the last view goes
             os.close(self.fd)
             self.fd = -1
 

@@ -1,29 +1,28 @@
-"""The glmchat offload runtime: decoder layers that do not fit stream in one whole layer at a
-time, staged ahead of compute by a background reader.
+"""The glmchat offload runtime: modules that do not fit stream in one whole decoder layer (or
+head, or embedding table) at a time, staged ahead of compute by a background reader.
 
 How a model is laid out after ``load_offloaded``:
 
 - **resident** modules own their weights in memory (CPU RAM, or the GPU);
-- **streamed** decoder layers are ``StreamedLayer``s: outside their turn their parameters are on
-  the meta device; ``StreamedLayer.forward`` takes the layer's staged weights from the
-  ``LayerStreamer``, binds them, runs the layer, and hands the slot back;
-- **mapped** non-layer modules (embeddings, head) that the placement put on disk are bound for
-  good to zero-copy views of the checkpoint mapping (CPU compute only).
+- **streamed** modules are ``StreamedModule``s: outside their turn their parameters are on the
+  meta device; ``StreamedModule.forward`` takes the module's staged weights from the
+  ``LayerStreamer``, binds them, runs the module, and hands the slot back. On the CPU the
+  staged weights are views of the mapped checkpoint (**mapped**); on a GPU, of a slot buffer.
 
-The reader thread walks the streamed layers in forward order, cyclically (after the last
-streamed layer of one token comes the first of the next), holding at most ``slots`` layers —
+The reader thread walks the streamed modules in forward order, cyclically (after the head of
+one token comes the first streamed layer of the next), holding at most ``slots`` of them —
 staged, ready, or being computed. What "staging" means is the backend's business:
 
-- ``MappedBackend`` (compute on the CPU): advise the kernel and fault the layer's pages of the
+- ``MappedBackend`` (compute on the CPU): advise the kernel and fault the module's pages of the
   model's own safetensors files into our mapping; the weights *are* the mapping, no copy. After
   compute the pages are unmapped again (they stay in the page cache while it has room).
 - ``CudaBackend`` (compute on a GPU): copy the layer into one of ``slots`` preallocated GPU
   buffers on a side stream, from host memory pinned once at load (CPU tier) or through a pinned
   staging buffer filled from the mapping (disk tier); events order the copy before compute and
-  compute before the slot is refilled.
+  compute before the slot is refilled. Resident layers are spread evenly through the depth.
 
-If a forward runs layers out of the expected order (an exception mid-forward, a cancel), the
-streamer drops what it staged and restarts at the layer asked for.
+If a forward runs modules out of the expected order (an exception mid-forward, a cancel), the
+streamer drops what it staged and restarts at the module asked for.
 """
 
 from __future__ import annotations
@@ -48,11 +47,11 @@ GPU_ALIGN = 256
 
 @dataclass
 class LayerWeights:
-    """Where one streamed layer's weights come from."""
+    """Where one streamed module's weights come from (a decoder layer, or the head...)."""
 
-    index: int  # decoder layer number
+    name: str  # module name in the model ("model.layers.3", "lm_head")
     tier: str  # "disk" | "cpu"
-    names: list[str]  # parameter names inside the layer ("mlp.up_proj.weight")
+    names: list[str]  # parameter names inside the module ("mlp.up_proj.weight")
     locations: list[TensorLocation]  # same order as names
     nbytes: int  # bytes streamed per forward (stored dtype)
     ranges: list[tuple[MappedFile, int, int]]
@@ -120,11 +119,11 @@ class CudaBackend:
                  dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        self.offsets: dict[int, list[int]] = {}
+        self.offsets: dict[str, list[int]] = {}
         slot_bytes = 0
         for layer in layers:
             offsets, size = _packed_offsets(layer, dtype)
-            self.offsets[layer.index] = offsets
+            self.offsets[layer.name] = offsets
             slot_bytes = max(slot_bytes, size)
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device)
                         for _ in range(slots)]
@@ -137,7 +136,7 @@ class CudaBackend:
             event.record(torch.cuda.current_stream(device))
 
     def stage(self, layer: LayerWeights, slot: int) -> Staged:
-        offsets = self.offsets[layer.index]
+        offsets = self.offsets[layer.name]
         if layer.pinned is not None:
             source = layer.pinned
         else:
@@ -206,7 +205,6 @@ class StreamStats:
 
     streamed_layers: int = 0
     resident_layers: int = 0
-    mapped_modules: int = 0
     bytes_per_token: int = 0  # bytes of the streamed layers: read once per forward
     slots: int = 0
     layers_streamed: int = 0  # since load
@@ -228,7 +226,7 @@ class LayerStreamer:
         if slots < 1:
             raise ValueError("the streamer needs at least one slot")
         self.layers = list(layers)
-        self.position_of = {layer.index: p for p, layer in enumerate(self.layers)}
+        self.position_of = {layer.name: p for p, layer in enumerate(self.layers)}
         self.backend = backend
         self.slots = slots
         self.stats = StreamStats(slots=slots)
@@ -314,15 +312,15 @@ class LayerStreamer:
 
     # ---- the compute thread
 
-    def acquire(self, index: int) -> Staged:
-        """Layer ``index``'s staged weights; waits for the reader if it is behind."""
+    def acquire(self, name: str) -> Staged:
+        """Module ``name``'s staged weights; waits for the reader if it is behind."""
         t0 = time.perf_counter()
         with self._cond:
-            if self._layer_at(self._consumed).index != index:
+            if self._layer_at(self._consumed).name != name:
                 # Out of order (a forward was interrupted): restart the cycle at this layer.
                 self._drop_ready()
                 cycle = self._consumed - self._consumed % len(self.layers)
-                self._consumed = cycle + len(self.layers) + self.position_of[index]
+                self._consumed = cycle + len(self.layers) + self.position_of[name]
                 self._staging_next = self._consumed
                 self.stats.resyncs += 1
                 self._cond.notify_all()
@@ -337,7 +335,7 @@ class LayerStreamer:
                     self._staging_next = self._consumed
                     if isinstance(error, OffloadError):
                         raise OffloadError(str(error)) from None
-                    raise OffloadError(f"streaming layer {index} failed: "
+                    raise OffloadError(f"streaming {name} failed: "
                                        f"{type(error).__name__}: {error}") from error
                 if not self.running:
                     self.start()
@@ -361,10 +359,11 @@ class LayerStreamer:
 # the model side: layers whose forward streams
 
 
-class StreamedLayer(nn.Module):
-    """A decoder layer whose weights are streamed: this forward is where it happens.
+class StreamedModule(nn.Module):
+    """A module (a decoder layer, the head) whose weights are streamed: this forward is where
+    it happens.
 
-    It shares the wrapped layer's parameter and submodule tables, so parameter names (and the
+    It shares the wrapped module's parameter and submodule tables, so parameter names (and the
     state dict) are the checkpoint's; outside ``forward`` those parameters are on meta.
     """
 
@@ -389,10 +388,10 @@ class StreamedLayer(nn.Module):
             return getattr(object.__getattribute__(self, "_layer"), name)
 
     def extra_repr(self) -> str:
-        return f"index={self.weights.index}, tier={self.weights.tier}"
+        return f"streamed from {self.weights.tier}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        staged = self.streamer.acquire(self.weights.index)
+        staged = self.streamer.acquire(self.weights.name)
         try:
             self.streamer.backend.before_compute(staged)
             for (owner, attr, _meta), name in zip(self._slots, self.weights.names, strict=True):
@@ -411,8 +410,7 @@ class OffloadRuntime:
     streamer: LayerStreamer
     checkpoint: MappedCheckpoint
     device: torch.device
-    tiers: dict[int, str]  # layer → "resident" | "cpu" | "disk"
-    mapped_modules: list[str]
+    device_map: dict[str, str]  # module → "cuda:0" | "cpu" | "disk", as the runtime placed it
 
     @property
     def stats(self) -> StreamStats:
@@ -445,6 +443,20 @@ class OffloadRuntime:
 # loading
 
 
+def compute_device(device_map: dict[str, str]) -> torch.device:
+    """The GPU when the placement uses one, else the CPU."""
+    gpus = sorted(tier for tier in device_map.values() if tier.startswith("cuda"))
+    return torch.device(gpus[0]) if gpus else torch.device("cpu")
+
+
+def streams_layers(device_map: dict[str, str] | None) -> bool:
+    """Whether the placement leaves layers for the runtime to stream."""
+    if device_map is None:
+        return False
+    device = compute_device(device_map)
+    return any(tier in STREAMED_TIERS[device.type] for tier in device_map.values())
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's decoder layer list and its name (``model.layers``): the longest ModuleList."""
     best: tuple[str, nn.ModuleList] | None = None
@@ -457,7 +469,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _tier_of(name: str, device_map: dict[str, str]) -> str:
+def module_tier(name: str, device_map: dict[str, str]) -> str:
     while name not in device_map:
         if "." not in name:
             return device_map.get("", "cpu")
@@ -491,7 +503,7 @@ def load_offloaded(meta_model: nn.Module, weights_dir: Path, device_map: dict[st
                    dtype: torch.dtype, device: torch.device, *, prefetch: int = 1,
                    release_behind: bool = True) -> OffloadRuntime:
     """Fill ``meta_model`` (built under ``init_empty_weights``) from the mapped checkpoint:
-    resident modules get their own copy on ``device``, streamed layers become StreamedLayers.
+    resident modules get their own copy on ``device``, streamed layers become StreamedModules.
 
     ``device_map`` is the placement's (module → "cuda:0" | "cpu" | "disk"). On a GPU, the
     number of GPU layers is kept but they are spread evenly through the depth, ``prefetch + 1``
@@ -511,23 +523,31 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
     layers_name, layer_list = decoder_layers(model)
     n_layers = len(layer_list)
     on_gpu = device.type == "cuda"
-    streamed_tiers = STREAMED_TIERS[device.type]
     slots = prefetch + 1
+    prefix = f"{layers_name}."
 
-    layer_tier = {i: _tier_of(f"{layers_name}.{i}", device_map) for i in range(n_layers)}
-    streamed = [i for i in range(n_layers) if layer_tier[i] in streamed_tiers]
+    # The units that stream: whole decoder layers, and on the CPU the other modules holding
+    # weights (embeddings, final norm, head) where the placement put them on disk. Forward order.
+    layer_names = [f"{layers_name}.{i}" for i in range(n_layers)]
+    others = [name for name, module in model.named_modules()
+              if module._parameters and not name.startswith(prefix)]
+    tiers = {name: module_tier(name, device_map) for name in layer_names}
     if on_gpu:
         # Keep the placement's share of GPU layers, less the slots, spread through the depth;
         # the others stream: from pinned RAM (as many as the CPU tier held), then from disk.
-        n_gpu = sum(tier.startswith("cuda") for tier in layer_tier.values())
-        n_disk = sum(tier == "disk" for tier in layer_tier.values())
+        # Embeddings and head always live on the GPU.
+        n_gpu = sum(tier.startswith("cuda") for tier in tiers.values())
+        n_disk = sum(tier == "disk" for tier in tiers.values())
         resident = set(even_spread(n_layers, n_gpu - slots))
-        streamed = [i for i in range(n_layers) if i not in resident]
-        n_pinned = len(streamed) - n_disk
-        layer_tier = {i: "resident" for i in resident}
-        layer_tier.update({i: "cpu" if k < n_pinned else "disk" for k, i in enumerate(streamed)})
+        moving = [name for i, name in enumerate(layer_names) if i not in resident]
+        n_pinned = len(moving) - n_disk
+        tiers = {name: str(device) for name in [*layer_names, *others]}
+        tiers.update({name: "cpu" if k < n_pinned else "disk" for k, name in enumerate(moving)})
+        unit_order = moving
     else:
-        layer_tier = {i: ("disk" if i in streamed else "resident") for i in range(n_layers)}
+        tiers.update({name: module_tier(name, device_map) for name in others})
+        unit_order = [name for name, _ in model.named_modules()
+                      if name in tiers and tiers[name] == "disk"]
 
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
@@ -539,58 +559,59 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
         aliases.setdefault(first, []).append(name)
     wanted = list(aliases) + [n for n, _ in model.named_buffers() if n in checkpoint.locations]
 
-    per_layer: dict[int, list[tuple[str, TensorLocation]]] = {i: [] for i in streamed}
-    mapped_modules: set[str] = set()
-    prefix = f"{layers_name}."
+    def unit_of(name: str) -> str | None:
+        return next((u for u in unit_order if name.startswith(u + ".")), None)
+
+    per_unit: dict[str, list[tuple[str, TensorLocation]]] = {u: [] for u in unit_order}
     for name in wanted:
         key = next((a for a in aliases.get(name, [name]) if a in checkpoint.locations), None)
         if key is None:
             raise OffloadError(f"the checkpoint has no tensor {name}; the glmchat offload "
                                "runtime loads checkpoints whose names match the model's — use "
                                "--offload-runtime accelerate")
-        layer = int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
-        if layer is not None and layer in per_layer:
-            per_layer[layer].append((name[len(prefix):].split(".", 1)[1],
-                                     checkpoint.locations[key]))
-            continue
-        view = checkpoint.view(key)
-        tier = _tier_of(name, device_map)
-        if not on_gpu and tier == "disk" and view.dtype == dtype:
-            _set_tensor(model, aliases, name, view)  # mapped for good: zero-copy
-            mapped_modules.add(name.rsplit(".", 1)[0])
-        else:
-            resident = torch.empty(view.shape, dtype=dtype if view.is_floating_point()
-                                   else view.dtype, device=device)
-            _set_tensor(model, aliases, name, resident.copy_(view))
+        location = checkpoint.locations[key]
+        kept: list[str] = []
+        for alias in aliases.get(name, [name]):
+            unit = unit_of(alias)
+            if unit is None:
+                kept.append(alias)
+            else:
+                per_unit[unit].append((alias[len(unit) + 1:], location))
+        if kept:
+            view = checkpoint.view(key)
+            owned = torch.empty(view.shape, dtype=dtype if view.is_floating_point()
+                                else view.dtype, device=device)
+            _set_tensor(model, {name: kept}, name, owned.copy_(view))
 
-    weights = []
-    for index in streamed:
-        names = [n for n, _ in per_layer[index]]
-        locations = [loc for _, loc in per_layer[index]]
-        layer = LayerWeights(index, layer_tier[index], names, locations,
-                             nbytes=sum(loc.nbytes for loc in locations),
-                             ranges=merged_ranges(locations))
-        weights.append(layer)
+    units = []
+    for unit in unit_order:
+        names = [n for n, _ in per_unit[unit]]
+        locations = [loc for _, loc in per_unit[unit]]
+        units.append(LayerWeights(unit, tiers[unit], names, locations,
+                                  nbytes=sum(loc.nbytes for loc in locations),
+                                  ranges=merged_ranges(locations)))
     backend: Backend
     if on_gpu:
-        for layer in weights:
-            if layer.tier == "cpu":
-                layer.pinned = _pin_layer(layer, dtype)
-        backend = CudaBackend(weights, slots, device, dtype)
+        for weights in units:
+            if weights.tier == "cpu":
+                weights.pinned = _pin_layer(weights, dtype)
+        backend = CudaBackend(units, slots, device, dtype)
     else:
         backend = MappedBackend(dtype, release_behind)
-    streamer = LayerStreamer(weights, backend, slots)
-    for layer in weights:
-        layer_list[layer.index] = StreamedLayer(layer_list[layer.index], layer, streamer)
+    streamer = LayerStreamer(units, backend, slots)
+    for weights in units:
+        parent_name, _, attr = weights.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, StreamedModule(parent.get_submodule(attr), weights, streamer))
     for buffer_owner in model.modules():
         for attr, buffer in list(buffer_owner._buffers.items()):
             if buffer is not None and buffer.device != device and buffer.device.type != "meta":
                 buffer_owner._buffers[attr] = buffer.to(device)
-    streamer.stats.streamed_layers = len(weights)
-    streamer.stats.resident_layers = n_layers - len(weights)
-    streamer.stats.mapped_modules = len(mapped_modules)
-    streamer.stats.bytes_per_token = sum(layer.nbytes for layer in weights)
-    return OffloadRuntime(streamer, checkpoint, device, layer_tier, sorted(mapped_modules))
+    streamed_layers = sum(1 for u in units if u.name.startswith(prefix))
+    streamer.stats.streamed_layers = streamed_layers
+    streamer.stats.resident_layers = n_layers - streamed_layers
+    streamer.stats.bytes_per_token = sum(u.nbytes for u in units)
+    return OffloadRuntime(streamer, checkpoint, device, tiers)
 
 
 def _pin_layer(layer: LayerWeights, dtype: torch.dtype) -> torch.Tensor:

@@ -104,12 +104,15 @@ class MappedBackend:
         pass
 
     def after_compute(self, staged: Staged) -> None:
+        self._unmap(staged)
+
+    def discard(self, staged: Staged) -> None:
+        self._unmap(staged)
+
+    def _unmap(self, staged: Staged) -> None:
         if self.release_behind:
             for mapped, start, end in staged.layer.ranges:
                 mapped.drop(start, end)
-
-    def discard(self, staged: Staged) -> None:
-        self.after_compute(staged)
 
 
 class CudaBackend:

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--prefetch", type=int, default=1,
                         help="layers the glmchat reader stages ahead of the one computing")
+    parser.add_argument("--release-behind", choices=("auto", "yes", "no"), default="auto",
+                        help="glmchat on CPU: unmap streamed pages after use (auto: when the "
+                             "model would not stay in the page cache anyway)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
     return parser
@@ -133,8 +136,9 @@ def main(argv: list[str]) -> int:
     runs: list[Run] = []
     for engine in engines:
         t0 = time.perf_counter()
+        release = {"auto": None, "yes": True, "no": False}[args.release_behind]
         model, runtime = _load(engine, weights_dir, config, device_map, dtype, device,
-                               args.prefetch)
+                               args.prefetch, release)
         load_s = time.perf_counter() - t0
         streamed_bytes = {"resident": 0, "accelerate": accelerate_bytes,
                           "glmchat": runtime.stats.bytes_per_token if runtime else 0}[engine]
@@ -227,7 +231,7 @@ def _pinned_copy_gbps(device: Any) -> float:
 
 
 def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str], dtype: Any,
-          device: Any, prefetch: int) -> tuple[Any, Any]:
+          device: Any, prefetch: int, release_behind: bool | None) -> tuple[Any, Any]:
     from accelerate import init_empty_weights
     from glmchat.model import offload
     from transformers import AutoModelForCausalLM
@@ -245,7 +249,7 @@ def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         runtime = offload.load_offloaded(model, weights_dir, device_map, dtype, device,
-                                         prefetch=prefetch)
+                                         prefetch=prefetch, release_behind=release_behind)
         return model.eval(), runtime
     raise SystemExit(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
 
@@ -264,7 +268,7 @@ def _generate(model: Any, runtime: Any, prompt_ids: Any, new_tokens: int, device
     def cold() -> None:
         if evict is not None:
             if runtime is not None:
-                runtime.idle()
+                runtime.evict()  # our mapped pages first: DONTNEED skips mapped pages
             evict_files(evict)
 
     run = Run(engine="", regime="")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 import torch
 from torch import nn
 
@@ -215,6 +216,7 @@ class StreamStats:
     wait_s: float = 0.0  # compute thread waiting for the reader, since load
     max_held: int = 0  # most slots ever held at once (staging + ready + computing)
     resyncs: int = 0
+    release_behind: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -428,11 +430,20 @@ class OffloadRuntime:
             "bytes_streamed_per_token": s.bytes_per_token,
             "stream_gb_per_s": (s.bytes_per_token / step_s / 1e9) if step_s > 0 else 0.0,
             "reader_wait_s": round(s.wait_s, 4), "slots": s.slots,
+            "release_behind": s.release_behind,
         }
 
     def idle(self) -> None:
         """Between generations: no reader thread, nothing staged."""
         self.streamer.stop()
+
+    def evict(self) -> None:
+        """Unmap every streamed page and drop the files from the page cache (the bench's cold
+        regime: pages still mapped would survive posix_fadvise(DONTNEED))."""
+        self.streamer.stop()
+        for mapped in self.checkpoint.files:
+            mapped.drop(0, mapped.size)
+            mapped.evict()
 
     def weight_files(self) -> list[Path]:
         return [mapped.path for mapped in self.checkpoint.files]
@@ -504,7 +515,7 @@ def even_spread(n_layers: int, n_resident: int) -> list[int]:
 
 def load_offloaded(meta_model: nn.Module, weights_dir: Path, device_map: dict[str, str],
                    dtype: torch.dtype, device: torch.device, *, prefetch: int = 1,
-                   release_behind: bool = True) -> OffloadRuntime:
+                   release_behind: bool | None = None) -> OffloadRuntime:
     """Fill ``meta_model`` (built under ``init_empty_weights``) from the mapped checkpoint:
     resident modules get their own copy on ``device``, streamed layers become StreamedModules.
 
@@ -522,12 +533,17 @@ def load_offloaded(meta_model: nn.Module, weights_dir: Path, device_map: dict[st
 
 def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, str],
           dtype: torch.dtype, device: torch.device, prefetch: int,
-          release_behind: bool) -> OffloadRuntime:
+          release_behind: bool | None) -> OffloadRuntime:
     layers_name, layer_list = decoder_layers(model)
     n_layers = len(layer_list)
     on_gpu = device.type == "cuda"
     slots = prefetch + 1
     prefix = f"{layers_name}."
+    if release_behind is None:
+        # Unmapping after use costs a page fault per page on the next token. Worth it only
+        # when the streamed weights could not stay in the page cache anyway.
+        streamed_bytes = sum(f.size for f in checkpoint.files)
+        release_behind = streamed_bytes > psutil.virtual_memory().available // 2
 
     # The units that stream: whole decoder layers, and on the CPU the other modules holding
     # weights (embeddings, final norm, head) where the placement put them on disk. Forward order.
@@ -614,6 +630,7 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
     streamer.stats.streamed_layers = streamed_layers
     streamer.stats.resident_layers = n_layers - streamed_layers
     streamer.stats.bytes_per_token = sum(u.nbytes for u in units)
+    streamer.stats.release_behind = release_behind
     return OffloadRuntime(streamer, checkpoint, device, tiers)
 
 

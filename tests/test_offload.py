@@ -4,6 +4,7 @@ unoffloaded model, the slot budget, broken files, and no reader thread left behi
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -13,12 +14,11 @@ from typing import Any
 import pytest
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
-
 from glmchat.model import generate as gen
 from glmchat.model import offload
 from glmchat.model.mapped import OffloadError
 from glmchat.model.prompt_cache import ConversationCache, common_prefix
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 # layer 0 and the final norm resident; embeddings, layers 1-3 and the head on disk
 DEVICE_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -239,7 +239,7 @@ def test_even_spread_places_resident_layers_through_the_depth() -> None:
     assert offload.even_spread(10, 0) == []
     assert offload.even_spread(4, 9) == [0, 1, 2, 3]
     spread = offload.even_spread(30, 7)
-    assert len(spread) == 7 and max(b - a for a, b in zip(spread, spread[1:], strict=False)) <= 5
+    assert len(spread) == 7 and max(b - a for a, b in itertools.pairwise(spread)) <= 5
 
 
 def test_streams_layers_only_when_placement_offloads() -> None:

@@ -206,3 +206,36 @@ def evict_files(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+
+def cached_fraction(paths: list[Path]) -> float:
+    """The fraction of the files' pages in the page cache now (mincore on a fresh mapping):
+    the bench checks with it that its eviction took."""
+    mmap_ = _libc.mmap
+    mmap_.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+    mmap_.restype = ctypes.c_void_p
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    cached = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        pages = (size + PAGE - 1) // PAGE
+        vector = ctypes.create_string_buffer(pages)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = mmap_(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                continue
+            try:
+                if _libc.mincore(address, size, vector) == 0:
+                    cached += sum(1 for byte in vector.raw[:pages] if byte & 1)
+                    total += pages
+            finally:
+                _libc.munmap(address, size)
+        finally:
+            os.close(fd)
+    return cached / total if total else 0.0

@@ -70,6 +70,7 @@ class Staged:
 
 
 class Backend(Protocol):
+    def hint(self, layer: LayerWeights) -> None: ...
     def stage(self, layer: LayerWeights, slot: int) -> Staged: ...
     def before_compute(self, staged: Staged) -> None: ...
     def after_compute(self, staged: Staged) -> None: ...
@@ -86,6 +87,12 @@ class MappedBackend:
     def __init__(self, dtype: torch.dtype, release_behind: bool = True) -> None:
         self.dtype = dtype
         self.release_behind = release_behind
+
+    def hint(self, layer: LayerWeights) -> None:
+        """The module after the one being staged: start its disk reads now, asynchronously,
+        so the disk always has the next layer queued."""
+        for mapped, start, end in layer.ranges:
+            mapped.will_need(start, end)
 
     def stage(self, layer: LayerWeights, slot: int) -> Staged:
         for mapped, _start, _end in layer.ranges:
@@ -138,6 +145,11 @@ class CudaBackend:
         self.computed = [torch.cuda.Event() for _ in range(slots)]
         for event in self.computed:
             event.record(torch.cuda.current_stream(device))
+
+    def hint(self, layer: LayerWeights) -> None:
+        if layer.pinned is None:
+            for mapped, start, end in layer.ranges:
+                mapped.will_need(start, end)
 
     def stage(self, layer: LayerWeights, slot: int) -> Staged:
         offsets = self.offsets[layer.name]
@@ -269,6 +281,8 @@ class LayerStreamer:
                 self.stats.max_held = max(self.stats.max_held, self._held)
                 epoch = self._epoch
             try:
+                if len(self.layers) > 1:
+                    self.backend.hint(self._layer_at(position + 1))
                 staged = self.backend.stage(self._layer_at(position), slot)
             except BaseException as exc:
                 with self._cond:

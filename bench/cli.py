@@ -9,6 +9,8 @@ import sys
 from glmchat.errors import GlmchatError
 
 SUBCOMMANDS = {
+    "engine": "glmchat.bench.engine",
+    "tui": "glmchat.bench.tui",
     "make-model": "glmchat.bench.make_model",
     "offload": "glmchat.bench.offload",
 }

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
 
 from glmchat.params import GenerationParams
 from glmchat.protocol import ChatMessage, Event, Generate, ModelSpec, StepStats
+from tests.conftest import run_cli
 
 READER = "glmchat-offload-reader"
 ALL_ON_DISK = 0.0001  # GiB: nothing fits in RAM

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from glmchat.sessions.domain import AssistantTurn
 from glmchat.sessions.store import load_session
+
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 TOKENS = ("--max-new-tokens", "6")

@@ -293,10 +293,11 @@ def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def prepare(runtime: Any) -> None:
+    def prepare(_runtime: Any) -> None:
         if evict is not None:
-            if runtime is not None:
-                runtime.evict()  # our mapped pages first: DONTNEED skips mapped pages
+            for _model, runtime in engines.values():
+                if runtime is not None:  # unmap ours first: DONTNEED skips mapped pages
+                    runtime.evict()
             evict_files(evict)
 
     runs = {name: Run(engine=name, regime="") for name in engines}

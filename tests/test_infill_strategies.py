@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from glmchat.model import infill, rerank
 
 from glmchat.infill import GMASK, MASK, SMASK
-from glmchat.model import infill, rerank
 from glmchat.params import GenerationParams
 from glmchat.protocol import Event, Generate, ModelSpec, Token
 
@@ -87,9 +87,8 @@ FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 
 @pytest.fixture(scope="module")
 def tiny_fim_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from glmchat.model import sources
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     default = sources.resolve("default")  # only its tokenizer: SmolLM2's, with no FIM tokens
     if default.needs_conversion:

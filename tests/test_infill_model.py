@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from glmchat.model import infill, rerank
+from glmchat.model.engine import Engine
 
 from glmchat.errors import UsageError
 from glmchat.infill import MASK
-from glmchat.model import infill, rerank
-from glmchat.model.engine import Engine
 from glmchat.params import GenerationParams
 from glmchat.protocol import ChatMessage, Event, Generate, GenerationResult, ModelSpec, Token
 from tests.conftest import run_cli

@@ -389,6 +389,7 @@ class RerankStrategy:
                           or [Candidate("", [], None, "length")], False)
 
         cut = rerank.boundary(blank.kind, ctx.params.stop, has_suffix)
+        prefix = rerank.prefill_prefix(ctx.model, prompt_ids)
         count = max(ctx.params.num_beams, PROPOSALS)
         if ctx.params.strategy == "sample":
             proposals = sampled_fills(ctx, prompt_ids, settings, cut, count, strip_leading)
@@ -398,9 +399,9 @@ class RerankStrategy:
             lookahead = (rerank.continuation_ids(ctx.encode, context, context_ids, suffix)
                          if has_suffix else [])
             allowed = ctx.word_starts() if strip_leading else None
-            first = rerank.first_tokens(ctx.model, prompt_ids, lookahead, count,
+            first = rerank.first_tokens(ctx.model, prefix, lookahead, count,
                                         ctx.eos_token_ids, allowed, _pad(ctx))
-            proposals = rerank.grow(ctx.model, prompt_ids, first, settings, ctx.decode, cut,
+            proposals = rerank.grow(ctx.model, prefix, first, settings, ctx.decode, cut,
                                     ctx.should_stop, ctx.on_step)
             if beam:
                 proposals = beam_fills(ctx, prompt_ids, settings, cut, strip_leading) + proposals
@@ -413,7 +414,7 @@ class RerankStrategy:
         encode = ctx.encode
         rests = [rerank.continuation_ids(encode, context, context_ids, text + suffix)
                  for text in texts]
-        scores = rerank.score_continuations(ctx.model, prompt_ids, rests, _pad(ctx))
+        scores = rerank.score_continuations(ctx.model, prefix, rests, _pad(ctx))
         finishes = {p.text.rstrip(): p.finish for p in reversed(proposals)}
         ranked = sorted(zip(texts, scores, strict=True), key=lambda pair: -pair[1])
         return Filled([Candidate(_spliced(text, strip_leading),
@@ -490,6 +491,9 @@ def run_infill(engine: Engine, request: Generate, masked: MaskedText,
             if budget < 1:
                 raise UsageError(f"blank {index + 1} has no room: the text around it fills "
                                  f"{info.name}'s {info.context_length}-token context")
+            if should_stop():
+                finishes.append("cancelled")
+                break
             try:
                 filled = strategy.fill(ctx, Blank(index, kind, prefix, suffix, budget))
             except gen.Cancelled:

@@ -8,6 +8,7 @@ candidates in one batched forward after one prefill of the shared prefix.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from . import generate as gen
 from .textstream import stop_index
 
 MAX_CANDIDATES = 12  # rows of the scoring batch
-FIRST_TOKEN_POOL = 64  # first tokens the suffix look-ahead chooses from
+FIRST_TOKEN_POOL = 32  # first tokens the suffix look-ahead chooses from
 LOOKAHEAD_TOKENS = 12  # suffix tokens the look-ahead reads
 SCORE_SUFFIX_CHARS = 256  # about 64 tokens: the suffix beyond this barely depends on the fill
 SPAN_END = re.compile(r"[.,;:!?\n]")
@@ -72,13 +73,33 @@ def continuation_ids(encode: Callable[[str], list[int]], context: str, context_i
     return encode(piece)
 
 
-def score_continuations(model: PreTrainedModel, prefix_ids: list[int],
-                        rests: Sequence[list[int]], pad_id: int) -> list[float]:
-    """``log p(rest | prefix)`` in nats for each rest: one prefill of the shared prefix, then one
-    batched forward over all rests (right-padded)."""
+@dataclass
+class Prefix:
+    """The text before a blank, run through the model once: every later pass for this blank
+    (first-token look-ahead, proposals, scoring) starts from a copy of its KV cache, so an
+    offloaded model streams its weights over the prefix once, not once per pass."""
+
+    ids: list[int]
+    cache: DynamicCache
+    logits: torch.Tensor  # (1, V) float32: the next-token logits after ``ids``
+
+    def cache_for(self, batch: int) -> DynamicCache:
+        cache = copy.deepcopy(self.cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def prefill_prefix(model: PreTrainedModel, ids: list[int]) -> Prefix:
     cache = DynamicCache(config=model.config)
-    prefix = torch.tensor([prefix_ids], dtype=torch.long)  # (1, P)
-    first_logits = gen.prefill(model, prefix, cache)  # (1, V) predicts rest[0]
+    logits = gen.prefill(model, torch.tensor([ids], dtype=torch.long), cache)  # (1, V)
+    return Prefix(list(ids), cache, logits)
+
+
+def score_continuations(model: PreTrainedModel, prefix: Prefix, rests: Sequence[list[int]],
+                        pad_id: int) -> list[float]:
+    """``log p(rest | prefix)`` in nats for each rest: one batched forward over all rests
+    (right-padded) after the shared prefix."""
     batch, width = len(rests), max(len(r) for r in rests)
     device = gen.execution_device(model)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)  # (B, R)
@@ -86,31 +107,29 @@ def score_continuations(model: PreTrainedModel, prefix_ids: list[int],
     for row, rest in enumerate(rests):
         ids[row, :len(rest)] = torch.tensor(rest, dtype=torch.long)
         valid[row, :len(rest)] = True
-    cache.batch_repeat_interleave(batch)
-    past = len(prefix_ids)
+    past = len(prefix.ids)
     attention_mask = torch.cat([torch.ones((batch, past), dtype=torch.long),
                                 valid.long()], dim=1).to(device)  # (B, P + R)
     positions = torch.arange(past, past + width, device=device).unsqueeze(0).expand(batch, -1)
     out = model(input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, return_dict=True)
+                past_key_values=prefix.cache_for(batch), use_cache=True, return_dict=True)
     scores = []
     for row in range(batch):  # row by row: (R, V) float32 at a time, not (B, R, V)
-        logits = torch.cat([first_logits, out.logits[row, :-1].to("cpu", torch.float32)])
+        logits = torch.cat([prefix.logits, out.logits[row, :-1].to("cpu", torch.float32)])
         log_probs = torch.log_softmax(logits, dim=-1)  # (R, V)
         picked = log_probs.gather(-1, ids[row, :, None]).squeeze(-1)  # (R,)
         scores.append(float(picked[valid[row]].sum()))
     return scores
 
 
-def first_tokens(model: PreTrainedModel, prompt_ids: list[int], suffix_ids: list[int],
+def first_tokens(model: PreTrainedModel, prefix: Prefix, suffix_ids: list[int],
                  count: int, banned: Sequence[int], allowed: torch.Tensor | None,
                  pad_id: int) -> list[int]:
     """The ``count`` first tokens to grow proposals from, all different so the proposals are
     (beam search's beams mostly share one first word). With a suffix, the most likely
     ``FIRST_TOKEN_POOL`` first tokens are re-ranked by ``log p(token + suffix start)``: with no
     prefix to go on ('[MASK] is the capital of France.') the suffix is all there is."""
-    cache = DynamicCache(config=model.config)
-    logits = gen.prefill(model, torch.tensor([prompt_ids], dtype=torch.long), cache)  # (1, V)
+    logits = prefix.logits.clone()  # (1, V)
     if banned:
         logits[:, list(banned)] = gen.NEG_INF
     if allowed is not None:
@@ -119,12 +138,12 @@ def first_tokens(model: PreTrainedModel, prompt_ids: list[int], suffix_ids: list
     if not suffix_ids:
         return [int(t) for t in pool[:count]]
     rests = [[int(t), *suffix_ids[:LOOKAHEAD_TOKENS]] for t in pool]
-    scores = score_continuations(model, prompt_ids, rests, pad_id)
+    scores = score_continuations(model, prefix, rests, pad_id)
     order = sorted(range(len(pool)), key=lambda i: -scores[i])
     return [int(pool[i]) for i in order[:count]]
 
 
-def grow(model: PreTrainedModel, prompt_ids: list[int], first: list[int],
+def grow(model: PreTrainedModel, prefix: Prefix, first: list[int],
          settings: gen.DecodeSettings, decode: Callable[[Sequence[int]], str], cut: Cut,
          should_stop: Callable[[], bool], on_step: Callable[[int], None]) -> list[Proposal]:
     """Greedy continuations of each first token, batched, each to its boundary, EOS or the
@@ -132,10 +151,8 @@ def grow(model: PreTrainedModel, prompt_ids: list[int], first: list[int],
     count = len(first)
     ids = [[t] for t in first]
     finish = ["" for _ in first]
-    cache = DynamicCache(config=model.config)
-    gen.prefill(model, torch.tensor([prompt_ids], dtype=torch.long), cache)
-    cache.batch_repeat_interleave(count)
-    history = torch.tensor([[*prompt_ids, t] for t in first], dtype=torch.long)  # (K, P + 1)
+    cache = prefix.cache_for(count)
+    history = torch.tensor([[*prefix.ids, t] for t in first], dtype=torch.long)  # (K, P + 1)
     for step in range(settings.max_new_tokens):
         for k in range(count):
             if finish[k]:

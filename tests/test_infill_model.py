@@ -99,9 +99,10 @@ def test_reranker_prefers_the_fill_that_fits_the_suffix(
     prefix_ids = encode(prefix)
     candidates = [" Paris", " Rome"]
     with torch.inference_mode():
-        alone = rerank.score_continuations(loaded.model, prefix_ids, [
+        prefilled = rerank.prefill_prefix(loaded.model, prefix_ids)
+        alone = rerank.score_continuations(loaded.model, prefilled, [
             rerank.continuation_ids(encode, prefix, prefix_ids, c) for c in candidates], 2)
-        fitted = rerank.score_continuations(loaded.model, prefix_ids, [
+        fitted = rerank.score_continuations(loaded.model, prefilled, [
             rerank.continuation_ids(encode, prefix, prefix_ids, c + suffix)
             for c in candidates], 2)
     assert alone[0] > alone[1]  # from the prefix alone the model would say Paris...
@@ -139,7 +140,7 @@ def test_sampled_infill_is_reproducible_with_a_seed(engine: tuple[Engine, Record
 
 def test_a_prompt_that_is_only_a_mask_is_filled_from_the_start(
         engine: tuple[Engine, Recorder]) -> None:
-    result = generate(engine, "[MASK]")
+    result = generate(engine, "[MASK]", max_new_tokens=4)
     (span,) = result.spans
     assert (span.start, span.end) == (0, len(result.text)) and result.text
 

@@ -7,7 +7,8 @@ How one blank is filled depends on the model, behind one seam (``InfillStrategy`
           2D positions as in its generate.py. A model class offers it by defining
           ``glmchat_infill_strategy() -> InfillStrategy``.
   fim     the tokenizer has fill-in-the-middle tokens (StarCoder, SantaCoder, CodeLlama,
-          DeepSeek-Coder, Qwen2.5-Coder): the model's own format, found in the vocabulary.
+          DeepSeek-Coder, Qwen2.5-Coder): the model's own format, found in the vocabulary
+          (fim.py).
   rerank  any other causal LM: candidates from the prefix, re-ranked by the likelihood of
           prefix + candidate + suffix (rerank.py).
 
@@ -23,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from transformers import DynamicCache
 
 from glmchat.errors import UsageError
 from glmchat.infill import (
@@ -41,17 +41,16 @@ from glmchat.infill import (
     parse_masks,
     splice,
 )
-from glmchat.params import GenerationParams
 from glmchat.protocol import Beam, Generate, GenerationResult, Span, Token
 
 from . import generate as gen
 from . import rerank
-from .textstream import TextStream
+from .fill import Blank, Candidate, FillContext, Filled, beam_fills, sampled_fills, stream_fill
+from .fim import FimStrategy, detect_fim
 
 if TYPE_CHECKING:
     from .engine import Engine, _Clock
 
-# The most new tokens one blank may take: a short span, a sentence; [gMASK] takes what is left.
 BLANK_TOKENS = {MASK: 16, SMASK: 48}
 PROPOSALS = 4  # at least this many proposals per blank for the re-ranker
 _noted: set[str] = set()  # notes said once per worker (= per front-end session)
@@ -71,114 +70,6 @@ def masked_prompt(request: Generate) -> MaskedText | None:
 # the seam
 
 
-@dataclass
-class Blank:
-    index: int
-    kind: str  # MASK | SMASK | GMASK
-    prefix: str  # all text before the blank, earlier blanks filled
-    suffix: str  # all text after it, later blanks still masks
-    max_new_tokens: int
-
-
-@dataclass
-class Candidate:
-    text: str  # the fill as spliced into the text
-    token_ids: list[int]
-    score: float | None  # log-likelihood in nats (rerank), beam score (beam), None (unscored)
-    finish: str  # "stop" | "eos" | "length" | "cancelled"
-
-
-@dataclass
-class Filled:
-    candidates: list[Candidate]  # best first; never empty
-    streamed: bool  # the best candidate's text already went out as Token events
-
-
-@dataclass
-class FillContext:
-    """What a strategy may use while filling the blanks of one request."""
-
-    model: Any
-    tokenizer: Any
-    params: GenerationParams
-    eos_token_ids: tuple[int, ...]
-    generator: torch.Generator | None
-    should_stop: Callable[[], bool]
-    timing: gen.StepTiming
-    on_text: Callable[[str, int], None]  # stream fill text as it is generated
-    on_step: Callable[[int], None]  # a decode step made; the argument: tokens of this fill
-    _word_starts: torch.Tensor | None = None
-
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=special)["input_ids"]]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-    def document_start(self) -> list[int]:
-        """Something to generate from when there is no prefix at all."""
-        auto = self.encode("")
-        if auto:
-            return auto
-        vocab = self.tokenizer.get_vocab()
-        if "<|endoftext|>" in vocab:
-            return [vocab["<|endoftext|>"]]
-        for token_id in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
-            if token_id is not None:
-                return [int(token_id)]
-        raise UsageError("this model's tokenizer has no start-of-text token, so a blank with "
-                         "no text before it cannot be filled; put some text before the mask")
-
-    def word_starts(self) -> torch.Tensor:
-        """(V,) True for tokens that begin with whitespace (byte-level BPE 'Ġ'/'Ċ', SentencePiece
-        '▁'): what may follow a prompt whose trailing space was held back."""
-        if self._word_starts is None:
-            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            starts = ("Ġ", "Ċ", "ĉ", "▁", " ", "\n", "\t", "<0x0A>", "<0x20>", "<0x09>")
-            mask = torch.tensor([isinstance(t, str) and t.startswith(starts) for t in tokens])
-            size = self.model.config.vocab_size
-            self._word_starts = torch.zeros(max(size, len(mask)), dtype=torch.bool)
-            self._word_starts[:len(mask)] = mask
-        return self._word_starts
-
-    def first_token(self, prompt_ids: list[int], settings: gen.DecodeSettings) -> int:
-        """The first token of a fill that must start a new word: greedy or sampled among the
-        word-start tokens."""
-        cache = DynamicCache(config=self.model.config)
-        logits = gen.prefill(self.model, torch.tensor([prompt_ids], dtype=torch.long), cache)
-        allowed = self.word_starts()[:logits.shape[-1]]
-        scores = gen.process_scores(logits, torch.tensor([prompt_ids]), 0, settings)
-        scores = scores.masked_fill(~allowed, gen.NEG_INF)  # (1, V)
-        return int(gen.sample(scores, settings, self.generator)[0])
-
-    def decode_from(self, prompt_ids: list[int], settings: gen.DecodeSettings,
-                    word_start: bool) -> Generator[int, None, None]:
-        """Greedy or sampled token ids of one fill (``decode_n``), the first one a word start
-        if ``word_start``."""
-        if word_start:
-            first = self.first_token(prompt_ids, settings)
-            yield first
-            if first in settings.eos_token_ids or settings.max_new_tokens == 1:
-                return
-            prompt_ids = [*prompt_ids, first]
-            settings = dataclasses.replace(settings, max_new_tokens=settings.max_new_tokens - 1,
-                                           min_new_tokens=max(0, settings.min_new_tokens - 1))
-        yield from gen.decode_n(self.model, torch.tensor([prompt_ids], dtype=torch.long),
-                                settings, generator=self.generator,
-                                should_stop=self.should_stop, timing=self.timing)
-
-    def settings(self, max_new_tokens: int, extra_eos: Sequence[int] = ()) -> gen.DecodeSettings:
-        p = self.params
-        return gen.DecodeSettings(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min(p.min_new_tokens, max_new_tokens),
-            eos_token_ids=tuple(dict.fromkeys([*self.eos_token_ids, *extra_eos])),
-            no_repeat_ngram_size=p.no_repeat_ngram_size, temperature=p.temperature,
-            top_k=p.top_k, top_p=p.top_p, do_sample=p.strategy == "sample",
-            num_beams=p.num_beams, length_penalty=p.length_penalty,
-            early_stopping=p.early_stopping)
-
-
 class InfillStrategy(Protocol):
     name: str
 
@@ -192,172 +83,6 @@ def choose_strategy(model: Any, tokenizer: Any) -> InfillStrategy:
         return strategy
     fim = detect_fim(tokenizer)
     return FimStrategy(fim) if fim is not None else RerankStrategy()
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding helpers shared by the strategies
-
-
-def stream_fill(ctx: FillContext, prompt_ids: list[int], settings: gen.DecodeSettings,
-                strip_leading: bool = False) -> Candidate:
-    """Greedy or sampled decoding of one fill, streamed through ``ctx.on_text``.
-    ``strip_leading``: drop the fill's leading spaces (the prompt already has them)."""
-    stream = TextStream(ctx.decode, ctx.params.stop)
-    finish = "length"
-    leading = strip_leading
-    shown: list[str] = []
-
-    def show(delta: str, token_id: int) -> None:
-        nonlocal leading
-        if leading:
-            delta = delta.lstrip(" ")
-            leading = not delta
-        if delta:
-            shown.append(delta)
-            ctx.on_text(delta, token_id)
-
-    steps = ctx.decode_from(prompt_ids, settings, strip_leading)
-    try:
-        for token_id in steps:
-            if token_id in settings.eos_token_ids:
-                finish = "eos"
-                break
-            show(stream.push(token_id), token_id)
-            ctx.on_step(len(stream.token_ids))
-            if stream.stopped:
-                finish = "stop"
-                break
-    except gen.Cancelled:
-        finish = "cancelled"
-    finally:
-        steps.close()
-    show(stream.flush(), -1)
-    return Candidate("".join(shown), list(stream.token_ids), None, finish)
-
-
-def beam_fills(ctx: FillContext, prompt_ids: list[int], settings: gen.DecodeSettings,
-               cut: rerank.Cut | None = None, word_start: bool = False) -> list[rerank.Proposal]:
-    """Beam search from ``prompt_ids``; each hypothesis ends at EOS, the budget or ``cut``.
-    ``word_start``: all beams grow from the best word-start first token."""
-    first: list[int] = []
-    if word_start:
-        first = [ctx.first_token(prompt_ids, settings)]
-        if first[0] in settings.eos_token_ids or settings.max_new_tokens == 1:
-            return [rerank.Proposal(ctx.decode(first), first, "length", None)]
-        settings = dataclasses.replace(settings, max_new_tokens=settings.max_new_tokens - 1)
-
-    def hits_stop(ids: list[int]) -> bool:
-        return cut is not None and cut(ctx.decode(first + ids)) is not None
-
-    found = gen.beam_search(ctx.model, torch.tensor([prompt_ids + first], dtype=torch.long),
-                            settings, hits_stop=hits_stop, should_stop=ctx.should_stop,
-                            on_step=lambda best: ctx.on_step(len(best)), timing=ctx.timing)
-    out = []
-    for beam in found:
-        beam.token_ids = first + beam.token_ids
-        text = ctx.decode(beam.token_ids)
-        at = cut(text) if cut is not None else None
-        if at is not None:
-            finish = "stop"
-        elif beam.token_ids and beam.token_ids[-1] in settings.eos_token_ids:
-            finish = "eos"
-        else:
-            finish = "length"
-        out.append(rerank.Proposal(text if at is None else text[:at], beam.token_ids, finish,
-                                   beam.score))
-    return out
-
-
-def sampled_fills(ctx: FillContext, prompt_ids: list[int], settings: gen.DecodeSettings,
-                  cut: rerank.Cut, count: int, word_start: bool) -> list[rerank.Proposal]:
-    """``count`` sampled proposals, each ending at EOS, the budget or ``cut``."""
-    out = []
-    for _ in range(count):
-        ids: list[int] = []
-        finish, text = "length", ""
-        steps = ctx.decode_from(prompt_ids, settings, word_start)
-        try:
-            for token_id in steps:
-                ids.append(token_id)
-                ctx.on_step(len(ids))
-                if token_id in settings.eos_token_ids:
-                    finish = "eos"
-                    break
-                text = ctx.decode(ids)
-                at = cut(text)
-                if at is not None:
-                    finish, text = "stop", text[:at]
-                    break
-        finally:
-            steps.close()
-        out.append(rerank.Proposal(text if finish != "eos" else ctx.decode(ids), ids, finish))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# fill-in-the-middle formats
-
-
-@dataclass(frozen=True)
-class FimFormat:
-    name: str
-    prefix: str
-    suffix: str
-    middle: str
-    ends: tuple[str, ...] = ()  # tokens that end the middle, besides the model's EOS
-    suffix_first: bool = False  # [SUFFIX]…[PREFIX]… (Codestral)
-
-
-FIM_FORMATS: tuple[FimFormat, ...] = (
-    FimFormat("qwen2.5-coder", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
-              ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>")),
-    FimFormat("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",
-              ("<|endoftext|>", "<file_sep>", "<fim_pad>")),
-    FimFormat("santacoder", "<fim-prefix>", "<fim-suffix>", "<fim-middle>",
-              ("<|endoftext|>", "<fim-pad>")),
-    FimFormat("deepseek-coder", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>",
-              ("<｜end▁of▁sentence｜>", "<|EOT|>")),
-    FimFormat("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", ("▁<EOT>",)),
-    FimFormat("codellama", "<PRE>", "<SUF>", "<MID>", ("<EOT>",)),
-    FimFormat("codestral", "[PREFIX]", "[SUFFIX]", "[MIDDLE]", (), suffix_first=True),
-)
-
-
-def detect_fim(tokenizer: Any) -> FimFormat | None:
-    """The FIM format whose three tokens are all in the tokenizer's vocabulary (by token, not by
-    the model's name: a fine-tune keeps its base model's tokens)."""
-    vocab = tokenizer.get_vocab()
-    for fim in FIM_FORMATS:
-        if all(token in vocab for token in (fim.prefix, fim.suffix, fim.middle)):
-            return fim
-    return None
-
-
-def fim_prompt(ctx: FillContext, fim: FimFormat, prefix: str, suffix: str) -> list[int]:
-    vocab = ctx.tokenizer.get_vocab()
-    pre = [vocab[fim.prefix], *ctx.encode(prefix, special=False)]
-    suf = [vocab[fim.suffix], *ctx.encode(suffix, special=False)]
-    start = ctx.encode("")  # the tokenizer's own BOS, if it adds one
-    body = suf + pre if fim.suffix_first else pre + suf
-    return [*start, *body, vocab[fim.middle]]
-
-
-@dataclass
-class FimStrategy:
-    fim: FimFormat
-    name: str = "fim"
-
-    def fill(self, ctx: FillContext, blank: Blank) -> Filled:
-        vocab = ctx.tokenizer.get_vocab()
-        ends = [vocab[t] for t in self.fim.ends if t in vocab]
-        settings = ctx.settings(blank.max_new_tokens, ends)
-        prompt_ids = fim_prompt(ctx, self.fim, blank.prefix, blank.suffix)
-        if ctx.params.strategy == "beam":
-            found = beam_fills(ctx, prompt_ids, settings, rerank.boundary(
-                GMASK, ctx.params.stop, False))
-            return Filled([Candidate(p.text, p.token_ids, p.score, p.finish)
-                           for p in found] or [Candidate("", [], None, "length")], False)
-        return Filled([stream_fill(ctx, prompt_ids, settings)], True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from glmchat.model import infill, rerank
+from glmchat.model import fill, infill, rerank
 from glmchat.model.engine import Engine
 
 from glmchat.errors import UsageError
@@ -66,11 +66,11 @@ def test_factual_blank_in_a_chat_turn_is_filled_raw(engine: tuple[Engine, Record
 
 def test_two_blanks_are_filled_left_to_right(engine: tuple[Engine, Recorder],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    blanks: list[infill.Blank] = []
+    blanks: list[fill.Blank] = []
     real = infill.RerankStrategy.fill
 
-    def spy(self: infill.RerankStrategy, ctx: infill.FillContext,
-            blank: infill.Blank) -> infill.Filled:
+    def spy(self: infill.RerankStrategy, ctx: fill.FillContext,
+            blank: fill.Blank) -> fill.Filled:
         blanks.append(blank)
         return real(self, ctx, blank)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from glmchat.model import infill, rerank
+from glmchat.model import fill, fim, infill, rerank
 
 from glmchat.infill import GMASK, MASK, SMASK
 from glmchat.params import GenerationParams
@@ -32,13 +32,13 @@ class VocabOnly:
     (["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>"], "qwen2.5-coder"),
 ])
 def test_fim_format_is_found_in_the_vocabulary(tokens: list[str], name: str) -> None:
-    found = infill.detect_fim(VocabOnly(tokens))
+    found = fim.detect_fim(VocabOnly(tokens))
     assert found is not None and found.name == name
 
 
 def test_no_fim_without_all_three_tokens() -> None:
-    assert infill.detect_fim(VocabOnly(["<fim_prefix>", "<fim_middle>"])) is None
-    assert infill.detect_fim(VocabOnly(["<|im_start|>", "<file_sep>", "<repo_name>"])) is None
+    assert fim.detect_fim(VocabOnly(["<fim_prefix>", "<fim_middle>"])) is None
+    assert fim.detect_fim(VocabOnly(["<|im_start|>", "<file_sep>", "<repo_name>"])) is None
 
 
 def test_mask_proposals_end_at_a_span_boundary() -> None:
@@ -115,16 +115,16 @@ def test_fim_tiny_random_model_uses_its_fim_format(tiny_fim_model: Path,
     engine = Engine(events.append)
     loaded = engine.load(ModelSpec(path=str(tiny_fim_model)))
     strategy = infill.choose_strategy(loaded.model, loaded.tokenizer)
-    assert isinstance(strategy, infill.FimStrategy) and strategy.fim.name == "starcoder"
+    assert isinstance(strategy, fim.FimStrategy) and strategy.fim.name == "starcoder"
 
     prompts: list[list[int]] = []
-    real = infill.FillContext.decode_from
+    real = fill.FillContext.decode_from
 
-    def spy(self: infill.FillContext, prompt_ids: list[int], *args: Any) -> Any:
+    def spy(self: fill.FillContext, prompt_ids: list[int], *args: Any) -> Any:
         prompts.append(list(prompt_ids))
         return real(self, prompt_ids, *args)
 
-    monkeypatch.setattr(infill.FillContext, "decode_from", spy)
+    monkeypatch.setattr(fill.FillContext, "decode_from", spy)
     prompt = "def add(a, b):\n    return [MASK]\n\nprint(add(1, 2))\n"
     result = engine.generate(Generate(id="t", params=GenerationParams(max_new_tokens=5),
                                       prompt=prompt), lambda: False)

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
+from glmchat.infill import ansi, has_masks
 from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, Token
 from glmchat.sessions.recorder import open_recorder
 
@@ -52,6 +53,7 @@ def result_json(prompt: str, result: GenerationResult, model: str) -> dict[str, 
         "beams": [{"text": b.text, "score": b.score, "tokens": len(b.token_ids)}
                   for b in result.beams],
         "spans": [dataclasses.asdict(s) for s in result.spans],
+        "notes": result.notes,
         "timings": dataclasses.asdict(result.timings),
     }
 
@@ -97,8 +99,12 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 gen_id = client.generate(params, prompt=request.prompt,
                                          messages=request.messages, raw=args.raw)
             streamed = False
+            # --color on an infill prompt: the spans come with the result, so print it then.
+            infill = has_masks(text)  # the result is the whole text, blanks filled
+            highlight = args.color and infill and not args.json
             for event in client.stream(gen_id):
-                if isinstance(event, Token) and not event.provisional and not args.json:
+                if (isinstance(event, Token) and not event.provisional and not args.json
+                        and not highlight):
                     out.write(event.text)
                     out.flush()
                     streamed = True
@@ -107,12 +113,17 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                     if recorder is not None:
                         recorder.assistant(result, parent=asked.id, messages=request.messages,
                                            prompt=request.prompt, raw=args.raw)
+                    for note in result.notes:
+                        print(f"glmchat: note: {note}", file=sys.stderr)
                     if args.json:
                         out.write(json.dumps(result_json(text, result, model_name)) + "\n")
                     else:
-                        if not streamed:
+                        if highlight:
+                            out.write(ansi(result.text, result.spans))
+                        elif not streamed:
                             out.write(result.text)
-                        out.write("\n")
+                        if not (infill and result.text.endswith("\n")):
+                            out.write("\n")
                     out.flush()
                     if verbose:
                         print(f"glmchat: {stats_line(result)}", file=sys.stderr)

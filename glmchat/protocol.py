@@ -94,6 +94,7 @@ class Span:
     start: int
     end: int
     mask: str  # "[MASK]" | "[sMASK]" | "[gMASK]"
+    score: float | None = None  # the fill's score (nats) where the strategy ranked candidates
 
 
 @dataclass
@@ -108,6 +109,7 @@ class GenerationResult:
     timings: Timings
     beams: list[Beam] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things to tell the user (infill warnings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,6 +217,14 @@ class Engine:
         if self.loaded is None:
             raise GlmchatError("no model is loaded; wait for the model to load")
         started = time.perf_counter()
+        # ---- infill hook: a prompt with [MASK]/[sMASK]/[gMASK] blanks, in any mode, goes raw
+        # (no chat template) to model/infill.py, which fills the blanks left to right.
+        from . import infill
+
+        masked = infill.masked_prompt(request)
+        if masked is not None:
+            return infill.run_infill(self, request, masked, should_stop, _Clock(started))
+        # ---- end of infill hook
         params = request.params.validate()
         model, tokenizer, info = self.loaded.model, self.loaded.tokenizer, self.loaded.info
         prompt = self.prompt_ids(request)

@@ -48,6 +48,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF conversion's bar; LoadProgress says it
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 

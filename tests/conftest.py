@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GLMCHAT_TEST_CACHE", REPO / ".cache" / "xdg-cache"))
 
 
+def _prepare_default_model() -> None:
+    """Convert the embedded GGUF once, before any test times a command: on a fresh clone the
+    conversion would otherwise land inside whichever test happens to run first."""
+    from glmchat.model.sources import convert_gguf, resolve
+
+    resolved = resolve("default")
+    if resolved.needs_conversion:
+        convert_gguf(resolved, lambda done, total, what: None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_xdg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("home")
@@ -29,6 +39,7 @@ def isolated_xdg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["XDG_DATA_HOME"] = str(home / "data")
     CACHE.mkdir(parents=True, exist_ok=True)
     os.environ["XDG_CACHE_HOME"] = str(CACHE)
+    _prepare_default_model()
     yield home
     for key, value in saved.items():
         if value is None:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    # As the worker does (model/worker.py): idle OpenMP workers must not spin.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from accelerate import init_empty_weights
     from glmchat.model import offload, sources

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 
 def _quiet_libraries() -> None:
+    # Before torch loads OpenMP: spinning idle OpenMP workers starve the offload runtime's
+    # reader thread on small machines (measured: cold-cache streaming 1.8x faster).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

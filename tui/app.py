@@ -259,7 +259,10 @@ class GlmchatApp(App[int]):
         stats = stats_line(result)
         if len(result.beams) > 1:
             stats += f" · {len(result.beams)} beams: Ctrl+B to view"
-        await flight.reply.finish(result.text, stats)
+        if result.spans:
+            stats += f" · {len(result.spans)} infilled spans highlighted"
+        await flight.reply.finish(result.text, stats,
+                                  spans=[(span.start, span.end) for span in result.spans])
         self.panel.show_result(result)
         self.refresh_bindings()
 

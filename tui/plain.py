@@ -191,6 +191,8 @@ class PlainRepl:
             if len(result.beams) > 1:
                 line += f" · {len(result.beams)} beams: /beams lists them, /pick N"
             self.say(f"[{line}]", "dim")
+            for span in result.spans:
+                self.say(f"  {span.mask} → {result.text[span.start:span.end]!r}", "bold")
         elif text:
             self.conversation.add_assistant(None, text)
 

@@ -101,17 +101,27 @@ class Reply(Vertical):
             self._rendered = len(self.text)
             await markdown.append(fragment)
 
-    async def finish(self, text: str, stats: str, error: bool = False) -> None:
-        """The reply is over: render ``text`` exactly and show ``stats`` under it."""
+    async def finish(self, text: str, stats: str, error: bool = False,
+                     spans: list[tuple[int, int]] | None = None) -> None:
+        """The reply is over: render ``text`` exactly and show ``stats`` under it. ``spans``:
+        character ranges that infilling wrote, shown highlighted in the plain text."""
+        from textual.widgets import Markdown
+
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
         self.text = text
         self._rendered = len(text)
         self._replaced = False
-        from textual.widgets import Markdown
-
-        await self.query_one(".reply-text", Markdown).update(text)
+        markdown = self.query_one(".reply-text", Markdown)
+        if spans:
+            markdown.display = False
+            highlighted = Text(text)
+            for start, end in spans:
+                highlighted.stylize("bold reverse", start, end)
+            await self.mount(Static(highlighted, classes="reply-infill"), before=markdown)
+        else:
+            await markdown.update(text)
         self.set_status(stats, error)
 
 

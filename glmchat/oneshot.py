@@ -17,6 +17,7 @@ from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, Token
+from glmchat.sessions.recorder import open_recorder
 
 
 def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[str]:
@@ -30,6 +31,9 @@ def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[s
         return prompts
     if not prompt:
         prompt = stdin.read()
+        # `echo q | glmchat` must answer like `glmchat q`: the newline is the shell's, not
+        # the user's. Raw continuation keeps inner whitespace, chat trims both ends.
+        prompt = prompt.removesuffix("\n") if args.raw else prompt.strip()
     if not prompt.strip():
         raise UsageError("the prompt is empty; pass it as an argument or on stdin")
     return [prompt]
@@ -64,6 +68,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
     params = config.generation.validate()
     out = sys.stdout
     verbose = args.verbose
+    # --session FILE / --resume ID|FILE: checked before the worker starts, so a bad file fails fast
+    recorder = open_recorder(config, args, oneshot=True)
+    for note in recorder.notes if recorder is not None else []:
+        print(f"glmchat: warning: {note}", file=sys.stderr)
     client = EngineClient()
     gen_id: str | None = None
     try:
@@ -74,13 +82,20 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 print(f"glmchat: [{event.done}/{event.total}] {event.what}", file=sys.stderr)
             elif isinstance(event, Loaded):
                 model_name = event.info.name
+                if recorder is not None:
+                    recorder.start(event.info, event.placement)
                 if verbose:
                     tiers = ", ".join(f"{n} on {t}" for t, n in
                                       sorted(event.placement.layers_per_tier.items()))
                     print(f"glmchat: loaded {event.info.name} in {event.load_s:.1f}s "
                           f"(layers: {tiers})", file=sys.stderr)
         for text in prompts:
-            gen_id = client.generate(params, prompt=text, raw=args.raw)
+            if recorder is None:
+                gen_id = client.generate(params, prompt=text, raw=args.raw)
+            else:  # continue the session's conversation: send its turns as context
+                asked, request = recorder.ask(text, raw=args.raw)
+                gen_id = client.generate(params, prompt=request.prompt,
+                                         messages=request.messages, raw=args.raw)
             streamed = False
             for event in client.stream(gen_id):
                 if isinstance(event, Token) and not event.provisional and not args.json:
@@ -89,6 +104,9 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                     streamed = True
                 elif isinstance(event, Finished):
                     result = event.result
+                    if recorder is not None:
+                        recorder.assistant(result, parent=asked.id, messages=request.messages,
+                                           prompt=request.prompt, raw=args.raw)
                     if args.json:
                         out.write(json.dumps(result_json(text, result, model_name)) + "\n")
                     else:
@@ -99,6 +117,8 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                     if verbose:
                         print(f"glmchat: {stats_line(result)}", file=sys.stderr)
             gen_id = None
+        if verbose and recorder is not None and recorder.path is not None:
+            print(f"glmchat: saved to {recorder.path}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         if gen_id is not None and client.alive:

@@ -6,17 +6,18 @@ polled between decode steps so that Cancel takes effect within one token.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from glmchat import paths
 from glmchat.errors import GlmchatError, UsageError
@@ -37,8 +38,9 @@ from glmchat.protocol import (
 )
 
 from . import generate as gen
+from . import offload, sources
 from . import placement as place
-from . import sources
+from .prompt_cache import ConversationCache
 from .textstream import TextStream, stop_index
 
 Emit = Callable[[Event], None]
@@ -78,12 +80,14 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     placement: Placement
+    offload: offload.OffloadRuntime | None = None  # our runtime, when it streams layers
 
 
 class Engine:
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
         self.loaded: LoadedModel | None = None
+        self.conversation = ConversationCache()
         self._last_memory = 0.0
 
     # ---- loading --------------------------------------------------------------------------------
@@ -92,6 +96,10 @@ class Engine:
         def progress(done: int, total: int, what: str) -> None:
             self.emit(LoadProgress(done=done, total=total, what=what))
 
+        if self.loaded is not None and self.loaded.offload is not None:
+            self.loaded.offload.close()
+        self.loaded = None
+        self.conversation.clear()
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         progress(0, 4, f"checking {spec.path}")
@@ -113,7 +121,10 @@ class Engine:
         device_map = place.compute_device_map(meta_model, spec, dtype)
         offload_dir = Path(spec.offload_dir or paths.default_offload_dir()).expanduser()
         runtime = "resident"
-        if device_map is not None and "disk" in device_map.values():
+        streamed = spec.offload_runtime == "glmchat" and offload.streams_layers(device_map)
+        if streamed:
+            runtime = "glmchat"
+        elif device_map is not None and "disk" in device_map.values():
             runtime = "accelerate"
             try:
                 offload_dir.mkdir(parents=True, exist_ok=True)
@@ -126,14 +137,23 @@ class Engine:
         if device_map is not None and len(set(device_map.values())) == 1:
             only = next(iter(device_map.values()))
             device_map = None if only == "cpu" else device_map
-        del meta_model
 
         progress(3, 4, f"loading {resolved.name} weights ({_human(n_params)} parameters)")
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device_map is not None:
             kwargs.update(device_map=device_map, offload_folder=str(offload_dir))
+        streamer: offload.OffloadRuntime | None = None
         try:
-            model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+            if streamed:
+                assert device_map is not None
+                streamer = offload.load_offloaded(meta_model, weights_dir, device_map, dtype,
+                                                  offload.compute_device(device_map))
+                model, device_map = meta_model, streamer.device_map
+                with contextlib.suppress(OSError):
+                    model.generation_config = GenerationConfig.from_pretrained(weights_dir)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+            del meta_model
             tokenizer = AutoTokenizer.from_pretrained(weights_dir)
         except (OSError, ValueError, RuntimeError) as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -150,7 +170,7 @@ class Engine:
             n_layers=int(getattr(config, "num_hidden_layers", placement.n_layers)),
             context_length=context, has_chat_template=bool(tokenizer.chat_template),
             eos_token_ids=_eos_ids(model, tokenizer))
-        self.loaded = LoadedModel(model, tokenizer, info, placement)
+        self.loaded = LoadedModel(model, tokenizer, info, placement, streamer)
         progress(4, 4, f"{resolved.name} ready")
         return self.loaded
 
@@ -220,7 +240,7 @@ class Engine:
 
         seed: int | None = None
         beams: list[Beam] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self._idle_after():
             if params.strategy == "beam":
                 finish, token_ids, text, beams = self._beam(
                     request.id, model, prompt_ids, settings, params, decode, should_stop,
@@ -238,6 +258,16 @@ class Engine:
                                 finish_reason=finish, strategy=params.strategy, seed=seed,
                                 params=params, timings=timings, beams=beams)
 
+    @contextlib.contextmanager
+    def _idle_after(self) -> Iterator[None]:
+        """No reader thread and nothing staged outlives a generation (finished, failed or
+        cancelled)."""
+        try:
+            yield
+        finally:
+            if self.loaded is not None and self.loaded.offload is not None:
+                self.loaded.offload.idle()
+
     def _stream(self, gen_id: str, model: Any, prompt_ids: torch.Tensor,
                 settings: gen.DecodeSettings, params: GenerationParams,
                 decode: Callable[[Sequence[int]], str], should_stop: Callable[[], bool],
@@ -245,7 +275,13 @@ class Engine:
                 clock: _Clock) -> tuple[str, list[int], str]:
         stream = TextStream(decode, params.stop)
         finish = "length"
-        steps = gen.decode_n(model, prompt_ids, settings, generator=generator,
+        prompt = [int(i) for i in prompt_ids[0]]
+        cache: Any = None
+        reused = 0
+        if settings.no_repeat_ngram_size == 0:  # that processor counts the whole prompt
+            cache, reused = self.conversation.take(model, prompt)
+        steps = gen.decode_n(model, prompt_ids[:, reused:], settings, cache=cache,
+                             past_length=reused, generator=generator,
                              should_stop=should_stop, timing=timing)
         try:
             for token_id in steps:
@@ -265,6 +301,8 @@ class Engine:
             finish = "cancelled"
         finally:
             steps.close()
+        if cache is not None:
+            self.conversation.keep(cache, prompt + stream.token_ids)
         rest = stream.flush()
         if rest:
             self.emit(Token(id=gen_id, text=rest, token_id=-1))
@@ -314,10 +352,12 @@ class Engine:
                     new_tokens: int) -> None:
         t = clock.timings(timing, new_tokens)
         step = timing.step_s[-1] if timing.step_s else timing.prefill_s
+        streamer = self.loaded.offload if self.loaded is not None else None
         self.emit(StepStats(id=gen_id, new_tokens=new_tokens,
                             decode_tokens_per_s=t.decode_tokens_per_s,
                             prefill_tokens_per_s=t.prefill_tokens_per_s, ttft_s=t.ttft_s,
-                            step_s=step))
+                            step_s=step,
+                            extra=streamer.live_stats(step) if streamer is not None else {}))
         self._maybe_emit_memory()
 
 

@@ -49,6 +49,9 @@ def compute_device_map(meta_model: nn.Module, spec: ModelSpec,
     budget = max_memory_for(spec)
     if budget is None:
         return None
+    tie = getattr(meta_model, "tie_weights", None)
+    if callable(tie):
+        tie()  # tied embeddings/head are one tensor: counted once, placed together
     no_split = getattr(meta_model, "_no_split_modules", None) or []
     raw = infer_auto_device_map(meta_model, max_memory=budget,
                                 no_split_module_classes=list(no_split), dtype=dtype)

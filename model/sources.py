@@ -192,10 +192,11 @@ def resolve(source: str) -> ResolvedModel:
 
 
 def _resolve_gguf(gguf: Path, source: str, name: str) -> ResolvedModel:
-    check_gguf(gguf)
     digest = file_digest(gguf)
     target = paths.models_cache_dir() / digest[:16]
     done = (target / CONVERTED_MARKER).is_file()
+    if not done:
+        check_gguf(gguf)  # a converted digest was a readable file; only new files are parsed
     return ResolvedModel(source, name, target, digest, needs_conversion=not done, gguf_file=gguf)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import queue
 import signal
@@ -52,6 +53,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    for name in ("accelerate", "transformers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _watch_parent(parent_pid: int) -> None:

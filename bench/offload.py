@@ -1,0 +1,381 @@
+"""`glmchat bench offload`: all resident vs accelerate's hooks vs the glmchat runtime, side by
+side in one run, with one placement, one prompt and greedy decoding.
+
+Method (docs/offload.md says why):
+- the placement is computed once (accelerate's ``infer_auto_device_map`` with the given
+  ``--cpu-memory``/``--gpu-memory``) and given to both offloading engines;
+- the engines are loaded (timed) side by side, then run prefill (its time is the TTFT) and
+  ``--new-tokens`` greedy tokens over our decode loop, taking turns one step each, so load from
+  elsewhere on the machine hits them alike; decode tokens/s = 1 / median step time (the mean
+  is in the JSON);
+- warm regime: an untimed pass first, so the weight files are in the page cache;
+- cold regime: before every forward (prefill and each token) the weight files are evicted from
+  the page cache with posix_fadvise(DONTNEED), for every engine alike; our reader is stopped
+  first, so nothing staged survives into the next token (the eviction is not timed);
+- the bound: streamed bytes per token ÷ the read throughput of exactly those bytes, measured in
+  the same run from a cold page cache (disk), or ÷ a pinned host→device copy (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROMPT = ("The lighthouse keeper found a bottle on the rocks one grey morning. Inside was a "
+          "letter, and the first line read:")
+ENGINES = ("resident", "accelerate", "glmchat")
+REGIMES = ("warm", "cold")
+READ_CHUNK = 64 << 20
+
+
+@dataclass
+class Run:
+    engine: str
+    regime: str
+    load_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    bytes_per_token: int = 0
+    effective_gb_per_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    reader_wait_s: float = 0.0
+    mean_tokens_per_s: float = 0.0  # decode_tokens_per_s is from the median step
+    cached_after_eviction: float = -1.0  # cold: fraction of the files still in the page cache
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmchat bench offload",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="model directory (or 'default')")
+    parser.add_argument("--cpu-memory", type=float, required=True, metavar="GIB")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB")
+    parser.add_argument("--dtype", default="stored",
+                        choices=("stored", "bfloat16", "float32", "float16"),
+                        help="compute dtype (stored = as in the checkpoint: zero-copy)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="layers the glmchat reader stages ahead of the one computing")
+    parser.add_argument("--release-behind", choices=("auto", "yes", "no"), default="auto",
+                        help="glmchat on CPU: unmap streamed pages after use (auto: when the "
+                             "model would not stay in the page cache anyway)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from accelerate import init_empty_weights
+    from glmchat.model import offload, sources
+    from glmchat.model import placement as place
+    from glmchat.model.mapped import MappedCheckpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from glmchat.protocol import ModelSpec
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    resolved = sources.resolve(args.model)
+    if resolved.needs_conversion:
+        sources.convert_gguf(resolved, lambda done, total, what: None)
+    weights_dir = resolved.weights_dir
+    files = sources.weight_files(weights_dir)
+    config = AutoConfig.from_pretrained(weights_dir)
+    checkpoint = MappedCheckpoint(files)
+    stored = next(iter(checkpoint.locations.values())).dtype
+    dtype = stored if args.dtype == "stored" else getattr(torch, args.dtype)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = ModelSpec(cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
+    device_map = place.compute_device_map(meta, spec, dtype)
+    assert device_map is not None
+    device = offload.compute_device(device_map)
+    layers_name, layer_list = offload.decoder_layers(meta)
+    n_layers = len(layer_list)
+    del meta
+    streamed_tiers = offload.STREAMED_TIERS[device.type]
+    streamed_keys = [key for key in checkpoint.locations
+                     if offload.module_tier(key, device_map) in streamed_tiers]
+    streamed_locations = [checkpoint.locations[k] for k in streamed_keys]
+    accelerate_bytes = sum(loc.nbytes for loc in streamed_locations)
+    per_tier: dict[str, int] = {}
+    for i in range(n_layers):
+        tier = offload.module_tier(f"{layers_name}.{i}", device_map)
+        per_tier[tier] = per_tier.get(tier, 0) + 1
+
+    tokenizer = AutoTokenizer.from_pretrained(weights_dir)
+    prompt_ids = torch.tensor([tokenizer(PROMPT)["input_ids"]], dtype=torch.long)
+    engines = [e for e in args.engines.split(",") if e]
+    regimes = [r for r in args.regimes.split(",") if r]
+    total_bytes = sum(f.stat().st_size for f in files)
+    if "resident" in engines and total_bytes * (dtype.itemsize / stored.itemsize) > \
+            0.6 * _available_ram():
+        print("resident: skipped, the model does not fit in RAM")
+        engines.remove("resident")
+
+    print(f"model: {weights_dir} ({total_bytes / 1e9:.2f} GB on disk, {n_layers} layers, "
+          f"stored {_name(stored)}, compute {_name(dtype)} on {device})")
+    print(f"placement (--cpu-memory {args.cpu_memory}"
+          + (f", --gpu-memory {args.gpu_memory}" if args.gpu_memory is not None else "")
+          + f"): layers per tier {per_tier}")
+    print(f"machine: {_machine()}, torch threads {torch.get_num_threads()}")
+    disk_gbps = _disk_read_gbps(streamed_locations)
+    checkpoint.close()
+    print(f"disk read throughput of the streamed bytes (cold page cache): {disk_gbps:.2f} GB/s")
+    h2d_gbps = _pinned_copy_gbps(device) if device.type == "cuda" else 0.0
+    if h2d_gbps:
+        print(f"pinned host→device copy: {h2d_gbps:.2f} GB/s")
+
+    # All engines are loaded side by side and take turns token by token, so that whatever
+    # else the machine is doing slows them alike; decode speed comes from the median step.
+    release = {"auto": None, "yes": True, "no": False}[args.release_behind]
+    loaded: dict[str, tuple[Any, Any, float]] = {}
+    for engine in engines:
+        t0 = time.perf_counter()
+        model, runtime = _load(engine, weights_dir, config, device_map, dtype, device,
+                               args.prefetch, release)
+        loaded[engine] = (model, runtime, time.perf_counter() - t0)
+    runs: list[Run] = []
+    for regime in regimes:
+        if regime == "cold" and "resident" in loaded:
+            # Its weights may be mmap-backed by the loader: mapped pages survive eviction.
+            del loaded["resident"]
+            gc.collect()
+        taking_part = {name: (model, runtime) for name, (model, runtime, _s) in loaded.items()
+                       if not (regime == "cold" and name == "resident")}
+        results = _generate_interleaved(taking_part, prompt_ids, args.new_tokens, device,
+                                        files if regime == "cold" else None)
+        for engine, run in results.items():
+            model, runtime, load_s = loaded[engine]
+            run.engine, run.regime, run.load_s = engine, regime, load_s
+            run.bytes_per_token = {"resident": 0, "accelerate": accelerate_bytes,
+                                   "glmchat": runtime.stats.bytes_per_token if runtime else 0
+                                   }[engine]
+            run.effective_gb_per_s = run.bytes_per_token * run.decode_tokens_per_s / 1e9
+            runs.append(run)
+            print(f"  {engine:10s} {regime}: {run.decode_tokens_per_s:.3f} tok/s", flush=True)
+    for _model, runtime, _s in loaded.values():
+        if runtime is not None:
+            runtime.close()
+    loaded.clear()
+    gc.collect()
+
+    bandwidth = h2d_gbps if device.type == "cuda" else disk_gbps
+    _report(runs, bandwidth, "pinned H2D" if device.type == "cuda" else "disk")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": str(weights_dir), "cpu_memory": args.cpu_memory,
+            "gpu_memory": args.gpu_memory, "dtype": _name(dtype), "layers_per_tier": per_tier,
+            "machine": _machine(), "disk_read_gb_per_s": disk_gbps,
+            "pinned_h2d_gb_per_s": h2d_gbps, "runs": [asdict(r) for r in runs]}, indent=1))
+    return 0
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {_available_ram() / 2**30:.0f} GiB RAM free"
+
+
+def _disk_read_gbps(locations: list[Any]) -> float:
+    """Read exactly the streamed byte ranges from a cold page cache, twice each way: 64 MiB
+    preads (dd-like), and posix_fadvise(WILLNEED) + MADV_POPULATE_READ over the whole range
+    (the kernel's own readahead, as deep as it likes). The best is the bound."""
+    from glmchat.model.mapped import evict_files, merged_ranges
+
+    ranges = merged_ranges(locations)
+    if not ranges:
+        return 0.0
+    paths = sorted({mapped.path for mapped, _s, _e in ranges})
+    view = memoryview(bytearray(READ_CHUNK))
+    total = sum(end - start for _m, start, end in ranges)
+    best = 0.0
+    for method in ("pread", "readahead") * 2:
+        for mapped, _s, _e in ranges:
+            mapped.drop(0, mapped.size)
+        evict_files(paths)
+        t0 = time.perf_counter()
+        for mapped, start, end in ranges:
+            if method == "readahead":
+                mapped.will_need(start, end)
+                mapped.populate(start, end)
+                continue
+            offset = start
+            while offset < end:
+                n = os.preadv(mapped.fd, [view[:min(READ_CHUNK, end - offset)]], offset)
+                if n <= 0:
+                    break
+                offset += n
+        best = max(best, total / (time.perf_counter() - t0) / 1e9)
+    for mapped, _s, _e in ranges:
+        mapped.drop(0, mapped.size)
+    return best
+
+
+def _pinned_copy_gbps(device: Any) -> float:
+    import torch
+
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty_like(host, device=device)
+    gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 4 * host.numel() / (time.perf_counter() - t0) / 1e9
+
+
+def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str], dtype: Any,
+          device: Any, prefetch: int, release_behind: bool | None) -> tuple[Any, Any]:
+    from accelerate import init_empty_weights
+    from glmchat.model import offload
+    from transformers import AutoModelForCausalLM
+
+    if engine == "resident":
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype)
+        return model.to(device).eval(), None
+    if engine == "accelerate":
+        offload_dir = tempfile.mkdtemp(prefix="glmchat-bench-offload-")
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype,
+                                                     device_map=device_map,
+                                                     offload_folder=offload_dir)
+        return model.eval(), None
+    if engine == "glmchat":
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        runtime = offload.load_offloaded(model, weights_dir, device_map, dtype, device,
+                                         prefetch=prefetch, release_behind=release_behind)
+        return model.eval(), runtime
+    raise SystemExit(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
+
+
+def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
+                          new_tokens: int, device: Any, evict: list[Path] | None
+                          ) -> dict[str, Run]:
+    """Greedy decoding on every engine, one step each in turn. ``evict``: the cold regime's
+    files, evicted before every engine's every forward (not timed)."""
+    import statistics
+
+    import torch
+    from glmchat.model import generate as gen
+    from glmchat.model.mapped import cached_fraction, evict_files
+    from transformers import DynamicCache
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def prepare(runtime: Any) -> None:
+        if evict is not None:
+            if runtime is not None:
+                runtime.evict()  # our mapped pages first: DONTNEED skips mapped pages
+            evict_files(evict)
+
+    runs = {name: Run(engine=name, regime="") for name in engines}
+    state: dict[str, tuple[Any, Any, int]] = {}
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    waits = {name: rt.stats.wait_s if rt is not None else 0.0
+             for name, (_m, rt) in engines.items()}
+    with torch.inference_mode():
+        for name, (model, runtime) in engines.items():
+            if evict is None:  # warm: one untimed pass fills the page cache and warms kernels
+                gen.prefill(model, prompt_ids, DynamicCache(config=model.config))
+            cache = DynamicCache(config=model.config)
+            prepare(runtime)
+            if evict is not None:
+                runs[name].cached_after_eviction = cached_fraction(evict)
+            t0 = time.perf_counter()
+            logits = gen.prefill(model, prompt_ids, cache)
+            sync()
+            runs[name].ttft_s = time.perf_counter() - t0
+            token = torch.argmax(logits, dim=-1)  # (1,)
+            runs[name].token_ids.append(int(token[0]))
+            state[name] = (cache, token, prompt_ids.shape[1])
+        for _ in range(new_tokens - 1):
+            for name, (model, runtime) in engines.items():
+                cache, token, past = state[name]
+                prepare(runtime)
+                t0 = time.perf_counter()
+                logits = gen.decode_one(model, token, cache, past)
+                sync()
+                steps[name].append(time.perf_counter() - t0)
+                token = torch.argmax(logits, dim=-1)
+                runs[name].token_ids.append(int(token[0]))
+                state[name] = (cache, token, past + 1)
+    for name, (_model, runtime) in engines.items():
+        if runtime is not None:
+            runtime.idle()
+            runs[name].reader_wait_s = runtime.stats.wait_s - waits[name]
+        if steps[name]:
+            runs[name].decode_tokens_per_s = 1.0 / statistics.median(steps[name])
+            runs[name].mean_tokens_per_s = len(steps[name]) / sum(steps[name])
+    return runs
+
+
+def _report(runs: list[Run], bandwidth_gbps: float, bound_name: str) -> None:
+    print()
+    header = (f"{'regime':6s} {'engine':10s} {'load s':>7s} {'TTFT s':>7s} {'tok/s':>8s} "
+              f"{'MB/token':>9s} {'GB/s':>6s} {'bound tok/s':>11s} {'ours/acc':>8s} "
+              f"{'ours/bound':>10s} {'vs resident':>11s}")
+    print(header)
+    print("-" * len(header))
+    by = {(r.engine, r.regime): r for r in runs}
+    resident = by.get(("resident", "warm"))
+    for run in runs:
+        bound = (bandwidth_gbps * 1e9 / run.bytes_per_token
+                 if run.bytes_per_token and bandwidth_gbps else 0.0)
+        ours = run.engine == "glmchat"
+        acc = by.get(("accelerate", run.regime))
+        vs_acc = (run.decode_tokens_per_s / acc.decode_tokens_per_s
+                  if ours and acc and acc.decode_tokens_per_s else 0.0)
+        vs_bound = run.decode_tokens_per_s / bound if ours and bound else 0.0
+        vs_res = (run.decode_tokens_per_s / resident.decode_tokens_per_s
+                  if resident and resident.decode_tokens_per_s and run.engine != "resident"
+                  else 0.0)
+        print(f"{run.regime:6s} {run.engine:10s} {run.load_s:7.2f} {run.ttft_s:7.2f} "
+              f"{run.decode_tokens_per_s:8.3f} {run.bytes_per_token / 1e6:9.1f} "
+              f"{run.effective_gb_per_s:6.2f} {_cell(bound, 11)} {_cell(vs_acc, 8, 'x')} "
+              f"{_cell(vs_bound * 100, 9, '%')} {_cell(vs_res, 10, 'x')}")
+    print(f"bound = streamed bytes per token ÷ {bound_name} throughput "
+          f"({bandwidth_gbps:.2f} GB/s, measured above)")
+    cold = [r.cached_after_eviction for r in runs if r.cached_after_eviction >= 0]
+    if cold:
+        print(f"cold: after each eviction at most {max(cold) * 100:.1f}% of the weight files "
+              "was still in the page cache")
+    outputs = {tuple(r.token_ids) for r in runs}
+    print("greedy tokens identical across engines and regimes: "
+          + ("yes" if len(outputs) == 1 else f"NO ({len(outputs)} different outputs)"))
+
+
+def _cell(value: float, width: int, suffix: str = "") -> str:
+    if not value:
+        return " " * (width - 1) + "-" + (" " if suffix else "")
+    return f"{value:{width}.2f}{suffix}" if suffix != "%" else f"{value:{width}.0f}%"

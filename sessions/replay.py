@@ -1,0 +1,203 @@
+"""Replay: generate every recorded reply again, with the recorded model, request, params and
+seed, and (with check) compare the token ids.
+
+Greedy and beam search are deterministic; sampling draws from a generator seeded with the
+recorded seed, so it repeats on the same machine and dtype. A reply stopped by the user is
+replayed up to the length it had; a beam search stopped midway cannot be, and is skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from glmchat.client import EngineClient
+from glmchat.config import Config
+from glmchat.errors import UsageError
+from glmchat.params import GenerationParams
+from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, ModelSpec, Token
+
+from .domain import AssistantTurn, ModelRecord, Session
+
+
+@dataclass
+class ReplayReport:
+    replies: int = 0
+    matched: int = 0
+    diverged: int = 0
+    skipped: list[str] = field(default_factory=list)
+    first_divergence: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.diverged == 0
+
+
+def replay_params(turn: AssistantTurn) -> GenerationParams | str:
+    """The params that make ``turn`` again, or why it cannot be made again."""
+    params = turn.params
+    if turn.strategy == "sample":
+        if turn.seed is None:
+            return "a sampled reply without a recorded seed"
+        params = params.replace(seed=turn.seed)
+    if turn.finish_reason == "cancelled":
+        if turn.strategy == "beam":
+            return "a beam search stopped midway cannot be repeated"
+        if not turn.token_ids:
+            return "stopped before its first token"
+        length = len(turn.token_ids)
+        params = params.replace(max_new_tokens=length,
+                                min_new_tokens=min(params.min_new_tokens, length))
+    return params
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _ids_around(ids: list[int], at: int) -> str:
+    before = ", ".join(map(str, ids[max(0, at - 3):at]))
+    after = ", ".join(map(str, ids[at:at + 5]))
+    lead = "…, " if at > 3 else ""
+    tail = ", …" if len(ids) > at + 5 else ""
+    return f"{lead}{before}{', ' if before and after else ''}[{after}{tail}]" if after else \
+        f"{lead}{before} [end]"
+
+
+def _text_around(text: str, at: int) -> str:
+    start = max(0, at - 30)
+    return ("…" if start else "") + repr(text[start:at + 50])[1:-1] + \
+        ("…" if len(text) > at + 50 else "")
+
+
+def describe_divergence(label: str, what: str, recorded: list[int], replayed: list[int],
+                        recorded_text: str, replayed_text: str) -> str:
+    """A readable diff of the first place two token sequences part."""
+    at = first_difference(recorded, replayed)
+    assert at is not None
+    char = next((i for i, (x, y) in enumerate(zip(recorded_text, replayed_text, strict=False))
+                 if x != y), min(len(recorded_text), len(replayed_text)))
+    return "\n".join([
+        f"{label}: {what} diverge at token {at} "
+        f"(recorded {len(recorded)} tokens, replayed {len(replayed)})",
+        f"  recorded ids   {_ids_around(recorded, at)}",
+        f"  replayed ids   {_ids_around(replayed, at)}",
+        f"  recorded text  {_text_around(recorded_text, char)}",
+        f"  replayed text  {_text_around(replayed_text, char)}",
+    ])
+
+
+def compare(label: str, turn: AssistantTurn, result: GenerationResult) -> str:
+    """Empty when the replayed reply has the recorded token ids; else the first divergence."""
+    if turn.prompt_token_ids and turn.prompt_token_ids != result.prompt_token_ids:
+        return describe_divergence(label, "the prompt tokens (chat template or tokenizer "
+                                   "changed?)", turn.prompt_token_ids,
+                                   result.prompt_token_ids, "", "")
+    if turn.token_ids != result.token_ids:
+        return describe_divergence(label, "the reply's tokens", turn.token_ids,
+                                   result.token_ids, turn.text, result.text)
+    for i, (old, new) in enumerate(zip(turn.beams, result.beams, strict=False)):
+        if old.token_ids != new.token_ids:
+            return describe_divergence(label, f"beam {i + 1}'s tokens", old.token_ids,
+                                       new.token_ids, old.text, new.text)
+    if len(turn.beams) != len(result.beams):
+        return f"{label}: recorded {len(turn.beams)} beams, replayed {len(result.beams)}"
+    return ""
+
+
+def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
+               dtype_typed: bool) -> ModelSpec:
+    """The recorded model and dtype, placed the way this machine's config says; a --model or
+    --dtype typed on the command line wins."""
+    spec = config.model.spec()
+    path = spec.path if path_typed else recorded.source
+    dtype = spec.dtype if dtype_typed else recorded.dtype
+    if path != "default" and not Path(path).expanduser().exists():
+        raise UsageError(f"the session's model {path} is not there; pass --model PATH to "
+                         "replay with a copy of it")
+    return ModelSpec(path=path, dtype=dtype, gpu_memory=spec.gpu_memory,
+                     cpu_memory=spec.cpu_memory, offload_dir=spec.offload_dir,
+                     offload_runtime=spec.offload_runtime, threads=spec.threads)
+
+
+class Replayer:
+    def __init__(self, session: Session, config: Config, *, check: bool, path_typed: bool = False,
+                 dtype_typed: bool = False, verbose: bool = False, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> None:
+        self.session, self.config, self.check, self.verbose = session, config, check, verbose
+        self.path_typed, self.dtype_typed = path_typed, dtype_typed
+        self.out, self.err = out, err
+        self.client = EngineClient()
+        self._loaded_spec: ModelSpec | None = None
+
+    def say(self, line: str) -> None:
+        print(f"glmchat: {line}", file=self.err, flush=True)
+
+    def run(self) -> ReplayReport:
+        replies = [t for t in self.session.assistant_turns() if t.generated]
+        report = ReplayReport(replies=len(replies))
+        self.say(f"replaying {len(replies)} replies from {self.session.path}")
+        if not replies:
+            return report
+        self.client.start()
+        try:
+            for number, turn in enumerate(replies, start=1):
+                self._replay_one(number, turn, report)
+        finally:
+            self.client.close()
+        return report
+
+    def _ensure_model(self, turn: AssistantTurn) -> None:
+        recorded, _ = self.session.model_for(turn.id)
+        spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
+        if spec == self._loaded_spec:
+            return
+        self.say(f"loading {recorded.name or spec.path} ({spec.path}, {spec.dtype})")
+        for event in self.client.load(spec):
+            if self.verbose and isinstance(event, LoadProgress):
+                self.say(f"[{event.done}/{event.total}] {event.what}")
+            elif isinstance(event, Loaded) and event.info.digest != recorded.digest:
+                self.say(f"warning: {event.info.name}'s weights differ from the session's "
+                         f"(digest {event.info.digest[:12]}, recorded "
+                         f"{recorded.digest[:12] or 'none'}); replies may not match")
+        self._loaded_spec = spec
+
+    def _replay_one(self, number: int, turn: AssistantTurn, report: ReplayReport) -> None:
+        label = f"reply {number}/{report.replies} ({turn.id}, {turn.strategy}" + (
+            f", seed {turn.seed})" if turn.strategy == "sample" else ")")
+        params = replay_params(turn)
+        if isinstance(params, str):
+            report.skipped.append(f"{label}: skipped, {params}")
+            print(f"── {label}: skipped, {params}", file=self.out, flush=True)
+            return
+        self._ensure_model(turn)
+        print(f"── {label}", file=self.out, flush=True)
+        request = turn.request
+        gen_id = self.client.generate(params, prompt=request.prompt,
+                                      messages=list(request.messages), raw=request.raw)
+        result: GenerationResult | None = None
+        for event in self.client.stream(gen_id):
+            if isinstance(event, Token) and not event.provisional:
+                self.out.write(event.text)
+                self.out.flush()
+            elif isinstance(event, Finished):
+                result = event.result
+        assert result is not None
+        if turn.strategy == "beam":
+            self.out.write(result.text)
+        self.out.write("\n")
+        if not self.check:
+            return
+        divergence = compare(label, turn, result)
+        if divergence:
+            report.diverged += 1
+            report.first_divergence = report.first_divergence or divergence
+            print(f"✗ {label}: differs from the recording", file=self.out, flush=True)
+        else:
+            report.matched += 1
+            print(f"✓ {len(result.token_ids)} tokens match", file=self.out, flush=True)

@@ -101,6 +101,8 @@ class GlmchatApp(App[int]):
         self.options = options
         self.params = config.generation
         self.conversation: Conversation = start_conversation(config, options.args)
+        if self.conversation.resumed_params is not None:
+            self.params = self.conversation.resumed_params
         self.history = PromptHistory(paths.history_file() if options.history else None)
         self.link = EngineLink(self, config.model.spec(), options.client)
         self.phase = "starting"  # starting | loading | ready | crashed | failed
@@ -128,12 +130,26 @@ class GlmchatApp(App[int]):
     def panel(self) -> SidePanel:
         return self.query_one(SidePanel)
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
+        self.conversation.on_warning = lambda text: self.notify(text, severity="warning")
         self.panel.show_settings(self.params)
         self.editor.focus()
+        await self._show_resumed()
         if self.options.start_engine:
             # After the first frame: spawning the worker competes with the first paint.
             self.call_after_refresh(self._start_engine)
+
+    async def _show_resumed(self) -> None:
+        """A resumed conversation's turns, and anything the session store had to say."""
+        for index, turn in enumerate(self.conversation.turns):
+            if turn.role == "user":
+                await self.transcript.add_prompt(turn.content, index)
+            else:
+                reply = await self.transcript.add_reply(index)
+                await reply.finish(turn.content, stats_line(turn.result) if turn.result
+                                   else "(from the saved session)")
+        for note in self.conversation.notes:
+            await self.transcript.add_notice(note, "error")
 
     def _start_engine(self) -> None:
         self.load_started = time.monotonic()

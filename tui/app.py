@@ -18,6 +18,7 @@ from glmchat.tui.conversation import Conversation, start_conversation
 from glmchat.tui.engine_link import EngineLink
 from glmchat.tui.format import eta, stats_line
 from glmchat.tui.history import PromptHistory
+from glmchat.tui.widgets.key_bar import KeyBar
 from glmchat.tui.widgets.prompt import PromptEditor
 from glmchat.tui.widgets.side_panel import SidePanel
 from glmchat.tui.widgets.transcript import Reply, Transcript, UserPrompt
@@ -26,7 +27,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, TextArea
+from textual.widgets import TextArea
 
 from glmchat import paths
 from glmchat.client import EngineClient
@@ -116,7 +117,7 @@ class GlmchatApp(App[int]):
                 yield Transcript(id="transcript")
                 yield PromptEditor(self.history, id="editor")
             yield SidePanel(id="side")
-        yield Footer()
+        yield KeyBar(id="keys")
 
     @property
     def transcript(self) -> Transcript:

@@ -18,6 +18,7 @@ from glmchat.tui.conversation import Conversation, start_conversation
 from glmchat.tui.engine_link import EngineLink
 from glmchat.tui.format import eta, stats_line
 from glmchat.tui.history import PromptHistory
+from glmchat.tui.widgets.key_bar import KeyBar
 from glmchat.tui.widgets.prompt import PromptEditor
 from glmchat.tui.widgets.side_panel import SidePanel
 from glmchat.tui.widgets.transcript import Reply, Transcript, UserPrompt
@@ -26,7 +27,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, TextArea
+from textual.widgets import TextArea
 
 from glmchat import paths
 from glmchat.client import EngineClient
@@ -101,6 +102,8 @@ class GlmchatApp(App[int]):
         self.options = options
         self.params = config.generation
         self.conversation: Conversation = start_conversation(config, options.args)
+        if self.conversation.resumed_params is not None:
+            self.params = self.conversation.resumed_params
         self.history = PromptHistory(paths.history_file() if options.history else None)
         self.link = EngineLink(self, config.model.spec(), options.client)
         self.phase = "starting"  # starting | loading | ready | crashed | failed
@@ -114,7 +117,7 @@ class GlmchatApp(App[int]):
                 yield Transcript(id="transcript")
                 yield PromptEditor(self.history, id="editor")
             yield SidePanel(id="side")
-        yield Footer()
+        yield KeyBar(id="keys")
 
     @property
     def transcript(self) -> Transcript:
@@ -128,12 +131,26 @@ class GlmchatApp(App[int]):
     def panel(self) -> SidePanel:
         return self.query_one(SidePanel)
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
+        self.conversation.on_warning = lambda text: self.notify(text, severity="warning")
         self.panel.show_settings(self.params)
         self.editor.focus()
+        await self._show_resumed()
         if self.options.start_engine:
             # After the first frame: spawning the worker competes with the first paint.
             self.call_after_refresh(self._start_engine)
+
+    async def _show_resumed(self) -> None:
+        """A resumed conversation's turns, and anything the session store had to say."""
+        for index, turn in enumerate(self.conversation.turns):
+            if turn.role == "user":
+                await self.transcript.add_prompt(turn.content, index)
+            else:
+                reply = await self.transcript.add_reply(index)
+                await reply.finish(turn.content, stats_line(turn.result) if turn.result
+                                   else "(from the saved session)")
+        for note in self.conversation.notes:
+            await self.transcript.add_notice(note, "error")
 
     def _start_engine(self) -> None:
         self.load_started = time.monotonic()
@@ -259,7 +276,10 @@ class GlmchatApp(App[int]):
         stats = stats_line(result)
         if len(result.beams) > 1:
             stats += f" · {len(result.beams)} beams: Ctrl+B to view"
-        await flight.reply.finish(result.text, stats)
+        if result.spans:
+            stats += f" · {len(result.spans)} infilled spans highlighted"
+        await flight.reply.finish(result.text, stats,
+                                  spans=[(span.start, span.end) for span in result.spans])
         self.panel.show_result(result)
         self.refresh_bindings()
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import argparse
 
     from glmchat.config import Config
+    from glmchat.params import GenerationParams
 
 
 @dataclass
@@ -57,6 +58,15 @@ class Conversation:
     branches: list[Branch] = field(default_factory=list)
     model: Loaded | None = None
     observers: list[Observer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the user at start (resume problems)
+    resumed_params: GenerationParams | None = None  # a resumed session's last settings
+    on_warning: Callable[[str], None] | None = None  # how the front end shows a warning
+
+    def warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            self.notes.append(message)
 
     # ---- observers ------------------------------------------------------------------------------
 
@@ -154,6 +164,36 @@ class Conversation:
 
 def start_conversation(config: Config | None = None,
                        args: argparse.Namespace | None = None) -> Conversation:
-    """The one place both front ends get their conversation: a session store hooks in here
-    (``--resume`` fills the turns, saving subscribes an observer, ``--no-save`` skips it)."""
-    return Conversation()
+    """The one place both front ends get their conversation. With the CLI's ``args`` it is
+    recorded by the session store (``--resume`` fills the turns, ``--no-save`` keeps it in
+    memory); tests pass no args and get a bare conversation."""
+    conversation = Conversation()
+    if config is None or args is None:
+        return conversation
+    from glmchat.sessions.recorder import open_recorder
+
+    from glmchat.errors import GlmchatError
+
+    recorder = open_recorder(config, args)
+    if recorder is None:
+        return conversation
+    conversation.turns.extend(Turn(*turn) for turn in recorder.history())
+    conversation.notes.extend(recorder.notes)
+    conversation.resumed_params = recorder.resumed_params(config.generation)
+
+    waiting: list[Change] = []  # a prompt typed while the model loads: the session file
+    # starts with the model's record, so such changes are written once it is known
+
+    def record(conv: Conversation, change: Change) -> None:
+        if conv.model is None and recorder.session is None:
+            waiting.append(change)
+            return
+        try:
+            for pending in [change, *waiting] if change.kind == "model" else [change]:
+                recorder.observe(conv, pending)
+            waiting.clear()
+        except GlmchatError as exc:  # a full disk must not end the chat
+            conv.warn(f"the session could not be saved: {exc}")
+
+    conversation.subscribe(record)
+    return conversation

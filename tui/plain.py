@@ -88,8 +88,9 @@ class PlainRepl:
                  history: History | None = None) -> None:
         self.config = config
         self.raw = bool(getattr(args, "raw", False))
-        self.params: GenerationParams = config.generation
         self.conversation: Conversation = start_conversation(config, args)
+        self.params: GenerationParams = (self.conversation.resumed_params
+                                         or config.generation)
         self.owned = client is None
         self.client = client or EngineClient()
         self.out = out or sys.stdout
@@ -191,6 +192,8 @@ class PlainRepl:
             if len(result.beams) > 1:
                 line += f" · {len(result.beams)} beams: /beams lists them, /pick N"
             self.say(f"[{line}]", "dim")
+            for span in result.spans:
+                self.say(f"  {span.mask} → {result.text[span.start:span.end]!r}", "bold")
         elif text:
             self.conversation.add_assistant(None, text)
 
@@ -327,9 +330,17 @@ class PlainRepl:
 
     def run(self) -> int:
         self.say(f"glmchat --plain · /help for commands · {KEYS_HELP}", "dim")
+        self.conversation.on_warning = lambda text: self.say(text, "error")
+        for turn in self.conversation.turns:  # a resumed conversation
+            self.say(("> " if turn.role == "user" else "") + turn.content,
+                     "bold" if turn.role == "user" else "")
+        for note in self.conversation.notes:
+            self.say(note, "error")
         try:
             if self.client.loaded is None:
                 self.start_loading()
+            else:  # a borrowed worker that holds the model already
+                self.conversation.set_model(self.client.loaded)
             while True:
                 line = self.read()
                 if line is None:

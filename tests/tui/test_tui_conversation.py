@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from glmchat.tui.conversation import Change, Conversation
+import argparse
+from pathlib import Path
 
+import pytest
+from glmchat.tui.conversation import Change, Conversation, start_conversation
+from tui_fixtures import LOADED
+
+from glmchat.config import Config, SessionsConfig
 from glmchat.params import GenerationParams
 from glmchat.protocol import Beam, GenerationResult, Timings
 
@@ -76,3 +81,27 @@ def test_clear_keeps_the_old_turns_as_a_branch() -> None:
     conversation.clear()
     assert len(conversation) == 0
     assert conversation.branches[-1].reason == "clear"
+
+
+def test_the_session_store_records_turns_even_those_sent_before_the_model_loaded(
+        tmp_path: Path) -> None:
+    config = Config(sessions=SessionsConfig(dir=str(tmp_path)))
+    args = argparse.Namespace(resume=None, session=None, no_save=False)
+    conversation = start_conversation(config, args)
+    conversation.add_user("typed while loading")
+    conversation.set_model(LOADED)
+    conversation.add_assistant(result("hello"))
+    resumed = start_conversation(
+        config, argparse.Namespace(resume=str(next(tmp_path.glob("*.jsonl"))), session=None,
+                                   no_save=False))
+    assert [(t.role, t.content) for t in resumed.turns] == [
+        ("user", "typed while loading"), ("assistant", "hello")]
+
+
+def test_no_save_keeps_nothing_on_disk(tmp_path: Path) -> None:
+    config = Config(sessions=SessionsConfig(dir=str(tmp_path)))
+    conversation = start_conversation(
+        config, argparse.Namespace(resume=None, session=None, no_save=True))
+    conversation.set_model(LOADED)
+    conversation.add_user("q")
+    assert not list(tmp_path.glob("*.jsonl"))

@@ -3,8 +3,10 @@ the shared worker, output captured."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import threading
+from pathlib import Path
 
 import pytest
 from glmchat.tui.plain import PlainRepl
@@ -14,17 +16,20 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from glmchat.client import EngineClient
-from glmchat.config import Config
+from glmchat.config import Config, SessionsConfig
 from glmchat.params import GenerationParams
 
 pytestmark = pytest.mark.slow
 
 
-def run_repl(client: EngineClient, keys: str, **params: object) -> tuple[int, str, PlainRepl]:
+def run_repl(client: EngineClient, keys: str, config: Config | None = None,
+             args: argparse.Namespace | None = None,
+             **params: object) -> tuple[int, str, PlainRepl]:
     out = io.StringIO()
+    config = config or Config(generation=GenerationParams(**params))  # type: ignore[arg-type]
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        repl = PlainRepl(Config(generation=GenerationParams(**params)), client=client, out=out,
-                         input=pipe, output=DummyOutput(), history=InMemoryHistory())
+        repl = PlainRepl(config, args, client=client, out=out, input=pipe,
+                         output=DummyOutput(), history=InMemoryHistory())
         pipe.send_text(keys)
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(repl.run()), daemon=True)
@@ -59,3 +64,22 @@ def test_chat_with_commands_multiline_and_stats(client: EngineClient) -> None:
 def test_ctrl_d_leaves(client: EngineClient) -> None:
     code, _out, repl = run_repl(client, "\x04")
     assert code == 0 and len(repl.conversation) == 0
+
+
+def test_the_conversation_is_saved_and_resumed(client: EngineClient, tmp_path: Path) -> None:
+    def config() -> Config:
+        return Config(generation=GenerationParams(max_new_tokens=3),
+                      sessions=SessionsConfig(dir=str(tmp_path)))
+
+    args = argparse.Namespace(resume=None, session=None, no_save=False)
+    code, _out, first = run_repl(client, "/set max_new_tokens 2\rHello there.\r/quit\r",
+                                 config(), args)
+    assert code == 0
+    saved = sorted(tmp_path.glob("*.jsonl"))
+    assert len(saved) == 1
+    resume = argparse.Namespace(resume=str(saved[0]), session=None, no_save=False)
+    code, out, second = run_repl(client, "/quit\r", config(), resume)
+    assert [(t.role, t.content) for t in second.conversation.turns] == [
+        (t.role, t.content) for t in first.conversation.turns]
+    assert second.params.max_new_tokens == 2  # the settings the last reply was made with
+    assert "> Hello there." in out

@@ -11,7 +11,15 @@ from glmchat.tui.app import GlmchatApp, Options, make_app
 from glmchat.tui.engine_link import EngineLink
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
-from tui_fixtures import LOADED, MEMORY_CPU_ONLY, MEMORY_GPU, beam_result, greedy_result, steps
+from tui_fixtures import (
+    LOADED,
+    MEMORY_CPU_ONLY,
+    MEMORY_GPU,
+    beam_result,
+    greedy_result,
+    infill_result,
+    steps,
+)
 
 from glmchat.config import Config
 from glmchat.protocol import Finished, LoadProgress, Token
@@ -93,3 +101,14 @@ def test_beam_view(snap_compare: SnapCompare) -> None:
 
     assert snap_compare(fixed_app(), terminal_size=SIZE, run_before=run_before)
 
+
+
+def test_infilled_spans_are_highlighted(snap_compare: SnapCompare) -> None:
+    result = infill_result()
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await conversation(pilot, "The Eiffel Tower is in [MASK] and was finished in [MASK].",
+                           "g1", [Token("g1", result.text, 5)], Finished("g1", result),
+                           MEMORY_CPU_ONLY)
+
+    assert snap_compare(fixed_app(), terminal_size=SIZE, run_before=run_before)

@@ -11,6 +11,7 @@ from glmchat.protocol import (
     Memory,
     ModelInfo,
     Placement,
+    Span,
     StepStats,
     Timings,
 )
@@ -69,3 +70,15 @@ def greedy_result() -> GenerationResult:
         timings=Timings(prefill_tokens=30, prefill_s=0.07, prefill_tokens_per_s=412.0,
                         ttft_s=0.21, decode_tokens=59, decode_s=3.1, decode_tokens_per_s=19.1,
                         total_s=3.4))
+
+
+def infill_result() -> GenerationResult:
+    text = "The Eiffel Tower is in Paris and was finished in 1889."
+    start = text.index("Paris")
+    year = text.index("1889")
+    result = greedy_result()
+    result.text = text
+    result.token_ids = list(range(14))
+    result.spans = [Span(start, start + len("Paris"), "[MASK]"),
+                    Span(year, year + len("1889"), "[MASK]")]
+    return result

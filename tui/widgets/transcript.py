@@ -57,6 +57,10 @@ class Reply(Vertical):
     Markdown is re-rendered on a timer, so a fast stream costs a bounded number of repaints."""
 
     def __init__(self, turn_index: int) -> None:
+        # Imported with the first reply, not at start: markdown-it is a good part of a first
+        # paint's budget.
+        from textual.widgets import Markdown
+
         super().__init__(classes="reply")
         self.turn_index = turn_index
         self.text = ""
@@ -64,14 +68,13 @@ class Reply(Vertical):
         self._replaced = False  # the text was replaced, not appended: render it whole
         self._timer: Timer | None = None
         self.border_title = "Assistant"
+        # Held, not queried: the app may set the status before the children are mounted.
+        self.markdown = Markdown("", classes="reply-text", parser_factory=chat_markdown_parser)
+        self.stats = Static("", classes="reply-stats")
 
     def compose(self) -> ComposeResult:
-        # Imported with the first reply, not at start: markdown-it is a good part of a first
-        # paint's budget.
-        from textual.widgets import Markdown
-
-        yield Markdown("", classes="reply-text", parser_factory=chat_markdown_parser)
-        yield Static("", classes="reply-stats")
+        yield self.markdown
+        yield self.stats
 
     def on_mount(self) -> None:
         self._timer = self.set_interval(RENDER_EVERY_S, self._render_pending)
@@ -84,14 +87,13 @@ class Reply(Vertical):
         self._replaced = True
 
     def set_status(self, status: str, error: bool = False) -> None:
-        stats = self.query_one(".reply-stats", Static)
-        stats.update(Text(status))
-        stats.set_class(error, "error")
+        self.stats.update(Text(status))
+        self.stats.set_class(error, "error")
 
     async def _render_pending(self) -> None:
-        from textual.widgets import Markdown
-
-        markdown = self.query_one(".reply-text", Markdown)
+        markdown = self.markdown
+        if not markdown.is_mounted:
+            return
         if self._replaced:
             self._replaced = False
             self._rendered = len(self.text)
@@ -101,17 +103,25 @@ class Reply(Vertical):
             self._rendered = len(self.text)
             await markdown.append(fragment)
 
-    async def finish(self, text: str, stats: str, error: bool = False) -> None:
-        """The reply is over: render ``text`` exactly and show ``stats`` under it."""
+    async def finish(self, text: str, stats: str, error: bool = False,
+                     spans: list[tuple[int, int]] | None = None) -> None:
+        """The reply is over: render ``text`` exactly and show ``stats`` under it. ``spans``:
+        character ranges that infilling wrote, shown highlighted in the plain text."""
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
         self.text = text
         self._rendered = len(text)
         self._replaced = False
-        from textual.widgets import Markdown
-
-        await self.query_one(".reply-text", Markdown).update(text)
+        markdown = self.markdown
+        if spans:
+            markdown.display = False
+            highlighted = Text(text)
+            for start, end in spans:
+                highlighted.stylize("bold reverse", start, end)
+            await self.mount(Static(highlighted, classes="reply-infill"), before=markdown)
+        else:
+            await markdown.update(text)
         self.set_status(stats, error)
 
 

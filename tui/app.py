@@ -155,6 +155,9 @@ class GlmchatApp(App[int]):
     def _start_engine(self) -> None:
         self.load_started = time.monotonic()
         self.link.start()
+        # Markdown is imported lazily for a fast first paint; import it while the model loads,
+        # not when the first reply starts streaming.
+        self.run_worker(_warm_markdown, thread=True, name="warm-markdown", exit_on_error=False)
 
     async def on_unmount(self) -> None:
         await asyncio.to_thread(self.link.close)
@@ -482,6 +485,14 @@ class GlmchatApp(App[int]):
             self.action_beams()
         else:
             await self.run_action(action)  # clear, settings, help
+
+
+def _warm_markdown() -> None:
+    from glmchat.tui.widgets.transcript import chat_markdown_parser
+    from textual.widgets import Markdown
+
+    chat_markdown_parser().parse("# warm\n\n- up `code`\n")
+    del Markdown
 
 
 def make_app(config: Config, options: Options | argparse.Namespace | None = None) -> GlmchatApp:

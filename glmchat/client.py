@@ -83,6 +83,9 @@ class EngineClient:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Spawn the worker. Call it from a thread that outlives the worker (the main thread,
+        or the reader thread that owns it): Linux delivers the worker's parent-death signal
+        when the *thread* that forked it ends."""
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         self._process = self._ctx.Process(
             target=_worker_entry, args=(child_conn, os.getpid(), self.stderr_path),

@@ -178,3 +178,29 @@ def test_killing_the_worker_mid_reply_keeps_the_chat_and_recovers(isolated_xdg: 
     finally:
         app.link.close()
     assert not app.link.client.alive
+
+
+def test_a_tui_chat_is_saved_and_replays_exactly(client: EngineClient, tmp_path: Path) -> None:
+    from glmchat.cli import build_parser
+    from glmchat.config import SessionsConfig
+    from tests.conftest import run_cli
+
+    config = Config(generation=GenerationParams(max_new_tokens=8),
+                    sessions=SessionsConfig(dir=str(tmp_path)))
+    app = make_app(config, Options(client=client, history=False,
+                                   args=build_parser().parse_args([])))
+
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.phase == "ready", "the model")
+            await send(app, pilot, "Name a colour.")
+            await reply_done(app, pilot)
+            await app.run_slash_command("/strategy beam 3")
+            await send(app, pilot, "And another one?")
+            await reply_done(app, pilot)
+
+    asyncio.run(main())
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert len(files) == 1
+    replay = run_cli("replay", str(files[0]), "--check")
+    assert replay.returncode == 0, replay.stdout + replay.stderr

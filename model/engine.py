@@ -41,7 +41,7 @@ from . import generate as gen
 from . import offload, sources
 from . import placement as place
 from .prompt_cache import ConversationCache
-from .textstream import TextStream, stop_index
+from .textstream import TextStream, drain, stop_index
 
 Emit = Callable[[Event], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -282,7 +282,6 @@ class Engine:
                 generator: torch.Generator | None, timing: gen.StepTiming,
                 clock: _Clock) -> tuple[str, list[int], str]:
         stream = TextStream(decode, params.stop)
-        finish = "length"
         prompt = [int(i) for i in prompt_ids[0]]
         cache: Any = None
         reused = 0
@@ -291,20 +290,17 @@ class Engine:
         steps = gen.decode_n(model, prompt_ids[:, reused:], settings, cache=cache,
                              past_length=reused, generator=generator,
                              should_stop=should_stop, timing=timing)
+        def on_delta(delta: str, token_id: int) -> None:
+            clock.token()
+            if delta:
+                self.emit(Token(id=gen_id, text=delta, token_id=token_id))
+
+        def on_step() -> None:
+            self._step_stats(gen_id, timing, clock, len(stream.token_ids))
+
         try:
-            for token_id in steps:
-                if token_id in settings.eos_token_ids:
-                    stream.token_ids.append(token_id)
-                    finish = "eos"
-                    break
-                delta = stream.push(token_id)
-                clock.token()
-                if delta:
-                    self.emit(Token(id=gen_id, text=delta, token_id=token_id))
-                self._step_stats(gen_id, timing, clock, len(stream.token_ids))
-                if stream.stopped:
-                    finish = "stop"
-                    break
+            finish = drain(steps, stream, settings.eos_token_ids, on_delta, on_step,
+                           keep_eos=True)
         except gen.Cancelled:
             finish = "cancelled"
         finally:

@@ -17,7 +17,7 @@ from glmchat.params import GenerationParams
 
 from . import generate as gen
 from . import rerank
-from .textstream import TextStream
+from .textstream import TextStream, drain
 
 
 @dataclass
@@ -133,7 +133,6 @@ def stream_fill(ctx: FillContext, prompt_ids: list[int], settings: gen.DecodeSet
     """Greedy or sampled decoding of one fill, streamed through ``ctx.on_text``.
     ``strip_leading``: drop the fill's leading spaces (the prompt already has them)."""
     stream = TextStream(ctx.decode, ctx.params.stop)
-    finish = "length"
     leading = strip_leading
     shown: list[str] = []
 
@@ -148,15 +147,8 @@ def stream_fill(ctx: FillContext, prompt_ids: list[int], settings: gen.DecodeSet
 
     steps = ctx.decode_from(prompt_ids, settings, strip_leading)
     try:
-        for token_id in steps:
-            if token_id in settings.eos_token_ids:
-                finish = "eos"
-                break
-            show(stream.push(token_id), token_id)
-            ctx.on_step(len(stream.token_ids))
-            if stream.stopped:
-                finish = "stop"
-                break
+        finish = drain(steps, stream, settings.eos_token_ids, show,
+                       lambda: ctx.on_step(len(stream.token_ids)))
     except gen.Cancelled:
         finish = "cancelled"
     finally:

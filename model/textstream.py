@@ -7,7 +7,7 @@ be one, so a stop string never reaches the screen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -91,3 +91,22 @@ class TextStream:
         delta = self._full[self._shown:upto]
         self._shown = upto
         return delta
+
+
+def drain(steps: Iterator[int], stream: TextStream, eos_token_ids: Collection[int],
+          on_delta: Callable[[str, int], None], on_step: Callable[[], None],
+          keep_eos: bool = False) -> str:
+    """Feed decoded tokens through ``stream`` until EOS, a stop string or the end of ``steps``.
+    ``on_delta`` gets each token's releasable text (maybe empty), ``on_step`` runs after it.
+    Returns the finish reason: "eos", "stop" or "length". Closing ``steps`` and catching a
+    cancellation are the caller's."""
+    for token_id in steps:
+        if token_id in eos_token_ids:
+            if keep_eos:
+                stream.token_ids.append(token_id)
+            return "eos"
+        on_delta(stream.push(token_id), token_id)
+        on_step()
+        if stream.stopped:
+            return "stop"
+    return "length"

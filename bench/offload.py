@@ -11,18 +11,25 @@ Method (docs/offload.md says why):
 - warm regime: an untimed pass first, so the weight files are in the page cache;
 - cold regime: before every forward (prefill and each token) the weight files are evicted from
   the page cache with posix_fadvise(DONTNEED), for every engine alike; our reader is stopped
-  first, so nothing staged survives into the next token (the eviction is not timed);
-- the bound: streamed bytes per token ÷ the read throughput of exactly those bytes, measured in
-  the same run from a cold page cache (disk), or ÷ a pinned host→device copy (GPU).
+  first, so nothing staged survives into the next token (the eviction is not timed). It stands
+  for a model larger than RAM, so ours runs with the reader ``--offload-reader auto`` picks for
+  one (``direct``); ``glmchat:mmap`` is shown beside it;
+- the bound: streamed bytes per token ÷ the read throughput of exactly those bytes from a cold
+  page cache, the best of 64 MiB buffered preads, kernel readahead and one O_DIRECT read per
+  module (best of two each, up front); in the cold regime it is also measured before every
+  step, taking turns with the engines, and the higher of the up-front best and the median of
+  those is used (the disk's speed drifts). On a GPU: ÷ a pinned host→device copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +56,7 @@ class Run:
     reader_wait_s: float = 0.0
     mean_tokens_per_s: float = 0.0  # decode_tokens_per_s is from the median step
     cached_after_eviction: float = -1.0  # cold: fraction of the files still in the page cache
+    reader: str = ""  # glmchat on CPU: the reader the runtime used ("mmap" | "direct")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--prefetch", type=int, default=1,
                         help="layers the glmchat reader stages ahead of the one computing")
+    parser.add_argument("--reader", choices=("auto", "mmap", "direct"), default="auto",
+                        help="glmchat on CPU: how disk-tier layers are read (auto: mmap in the "
+                             "warm regime, direct in the cold one, as auto picks for a model "
+                             "that fits in RAM and for one that does not)")
     parser.add_argument("--release-behind", choices=("auto", "yes", "no"), default="auto",
                         help="glmchat on CPU: unmap streamed pages after use (auto: when the "
                              "model would not stay in the page cache anyway)")
@@ -111,6 +123,7 @@ def main(argv: list[str]) -> int:
                      if offload.module_tier(key, device_map) in streamed_tiers]
     streamed_locations = [checkpoint.locations[k] for k in streamed_keys]
     accelerate_bytes = sum(loc.nbytes for loc in streamed_locations)
+    probe = DiskProbe(_by_module(streamed_keys, checkpoint, layers_name))
     per_tier: dict[str, int] = {}
     for i in range(n_layers):
         tier = offload.module_tier(f"{layers_name}.{i}", device_map)
@@ -132,9 +145,10 @@ def main(argv: list[str]) -> int:
           + (f", --gpu-memory {args.gpu_memory}" if args.gpu_memory is not None else "")
           + f"): layers per tier {per_tier}")
     print(f"machine: {_machine()}, torch threads {torch.get_num_threads()}")
-    disk_gbps = _disk_read_gbps(streamed_locations)
-    checkpoint.close()
-    print(f"disk read throughput of the streamed bytes (cold page cache): {disk_gbps:.2f} GB/s")
+    methods = probe.measure() if probe.total else {}
+    disk_gbps = max(methods.values(), default=0.0)
+    print("disk read throughput of the streamed bytes (cold page cache): "
+          + ", ".join(f"{name} {gbps:.2f}" for name, gbps in methods.items()) + " GB/s")
     h2d_gbps = _pinned_copy_gbps(device) if device.type == "cuda" else 0.0
     if h2d_gbps:
         print(f"pinned host→device copy: {h2d_gbps:.2f} GB/s")
@@ -142,44 +156,65 @@ def main(argv: list[str]) -> int:
     # All engines are loaded side by side and take turns token by token, so that whatever
     # else the machine is doing slows them alike; decode speed comes from the median step.
     release = {"auto": None, "yes": True, "no": False}[args.release_behind]
-    loaded: dict[str, tuple[Any, Any, float]] = {}
-    for engine in engines:
-        t0 = time.perf_counter()
-        model, runtime = _load(engine, weights_dir, config, device_map, dtype, device,
-                               args.prefetch, release)
-        loaded[engine] = (model, runtime, time.perf_counter() - t0)
+    # Engine instances by (engine, requested reader), loaded when a regime first needs them.
+    loaded: dict[tuple[str, str], tuple[Any, Any, float]] = {}
     runs: list[Run] = []
+    bounds: dict[str, float] = {}
     for regime in regimes:
-        if regime == "cold" and "resident" in loaded:
-            # Its weights may be mmap-backed by the loader: mapped pages survive eviction.
-            del loaded["resident"]
+        cold = regime == "cold"
+        wanted = _regime_engines(engines, regime, args.reader, device.type)
+        for key in [key for key in loaded if key not in wanted.values()]:
+            # Done with: pages it keeps mapped (the resident loader's, our mmap reader's) would
+            # survive the cold regime's evictions.
+            _model, runtime, _s = loaded.pop(key)
+            if runtime is not None:
+                runtime.close()
+            del _model, runtime
             gc.collect()
-        taking_part = {name: (model, runtime) for name, (model, runtime, _s) in loaded.items()
-                       if not (regime == "cold" and name == "resident")}
-        results = _generate_interleaved(taking_part, prompt_ids, args.new_tokens, device,
-                                        files if regime == "cold" else None)
-        for engine, run in results.items():
-            model, runtime, load_s = loaded[engine]
-            run.engine, run.regime, run.load_s = engine, regime, load_s
-            run.bytes_per_token = {"resident": 0, "accelerate": accelerate_bytes,
-                                   "glmchat": runtime.stats.bytes_per_token if runtime else 0
-                                   }[engine]
+        for engine, reader in wanted.values():
+            if (engine, reader) not in loaded:
+                t0 = time.perf_counter()
+                model, runtime = _load(engine, weights_dir, config, device_map, dtype, device,
+                                       args.prefetch, release, reader or "auto")
+                loaded[(engine, reader)] = (model, runtime, time.perf_counter() - t0)
+        taking_part = {name: loaded[key][:2] for name, key in wanted.items()}
+        use_probe = cold and device.type == "cpu" and probe.total > 0
+        results, samples = _generate_interleaved(taking_part, prompt_ids, args.new_tokens,
+                                                 device, files if cold else None,
+                                                 probe if use_probe else None)
+        # The disk's speed drifts: the bound is the higher of the up-front best and the median
+        # of the reads between steps (the stricter bound for us).
+        bounds[regime] = max([disk_gbps, statistics.median(samples)] if samples else [disk_gbps])
+        if samples:
+            print(f"  disk, read between the steps: median {statistics.median(samples):.2f} "
+                  f"GB/s (min {min(samples):.2f}, max {max(samples):.2f})", flush=True)
+        for name, run in results.items():
+            engine, reader = wanted[name]
+            _model, runtime, load_s = loaded[(engine, reader)]
+            run.engine, run.regime, run.load_s = name, regime, load_s
+            run.reader = runtime.stats.reader if runtime is not None else ""
+            run.bytes_per_token = (runtime.stats.bytes_per_token if runtime is not None
+                                   else accelerate_bytes if engine == "accelerate" else 0)
             run.effective_gb_per_s = run.bytes_per_token * run.decode_tokens_per_s / 1e9
             runs.append(run)
-            print(f"  {engine:10s} {regime}: {run.decode_tokens_per_s:.3f} tok/s", flush=True)
+            print(f"  {name:12s} {regime}: {run.decode_tokens_per_s:.3f} tok/s", flush=True)
     for _model, runtime, _s in loaded.values():
         if runtime is not None:
             runtime.close()
     loaded.clear()
+    probe.close()
+    checkpoint.close()
     gc.collect()
 
-    bandwidth = h2d_gbps if device.type == "cuda" else disk_gbps
-    _report(runs, bandwidth, "pinned H2D" if device.type == "cuda" else "disk")
+    if device.type == "cuda":
+        bounds = {regime: h2d_gbps for regime in regimes}
+    _report(runs, bounds, "pinned H2D" if device.type == "cuda" else "disk")
     if args.json:
         args.json.write_text(json.dumps({
             "model": str(weights_dir), "cpu_memory": args.cpu_memory,
             "gpu_memory": args.gpu_memory, "dtype": _name(dtype), "layers_per_tier": per_tier,
             "machine": _machine(), "disk_read_gb_per_s": disk_gbps,
+            "disk_read_methods_gb_per_s": methods, "bound_gb_per_s": bounds,
             "pinned_h2d_gb_per_s": h2d_gbps, "runs": [asdict(r) for r in runs]}, indent=1))
     return 0
 
@@ -206,39 +241,134 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {_available_ram() / 2**30:.0f} GiB RAM free"
 
 
-def _disk_read_gbps(locations: list[Any]) -> float:
-    """Read exactly the streamed byte ranges from a cold page cache, twice each way: 64 MiB
-    preads (dd-like), and posix_fadvise(WILLNEED) + MADV_POPULATE_READ over the whole range
-    (the kernel's own readahead, as deep as it likes). The best is the bound."""
-    from glmchat.model.mapped import evict_files, merged_ranges
+def _by_module(keys: list[str], checkpoint: Any, layers_name: str) -> list[list[Any]]:
+    """The streamed tensors' locations grouped by the module that streams them (a decoder
+    layer, the head...), in file order."""
+    depth = layers_name.count(".") + 2
+    groups: dict[str, list[Any]] = {}
+    for key in keys:
+        unit = (".".join(key.split(".")[:depth]) if key.startswith(layers_name + ".")
+                else key.rsplit(".", 1)[0])
+        groups.setdefault(unit, []).append(checkpoint.locations[key])
+    return sorted(groups.values(), key=lambda locs: (str(locs[0].file.path), locs[0].start))
 
-    ranges = merged_ranges(locations)
-    if not ranges:
-        return 0.0
-    paths = sorted({mapped.path for mapped, _s, _e in ranges})
-    view = memoryview(bytearray(READ_CHUNK))
-    total = sum(end - start for _m, start, end in ranges)
-    best = 0.0
-    for method in ("pread", "readahead") * 2:
-        for mapped, _s, _e in ranges:
+
+class DiskProbe:
+    """Reads exactly the streamed byte ranges from a cold page cache, three ways: 64 MiB
+    buffered preads (dd-like), the kernel's readahead (WILLNEED + MADV_POPULATE_READ over each
+    range) and one O_DIRECT pread per module range (dd iflag=direct, bs = a layer)."""
+
+    def __init__(self, modules: list[list[Any]]) -> None:
+        from glmchat.model.mapped import merged_ranges, read_buffer
+
+        self.modules = [merged_ranges(locations) for locations in modules]
+        self.ranges = merged_ranges([loc for locations in modules for loc in locations])
+        self.paths = sorted({mapped.path for mapped, _s, _e in self.ranges})
+        self.total = sum(end - start for _m, start, end in self.ranges)
+        widest = max((end - start for ranges in self.modules for _m, start, end in ranges),
+                     default=0)
+        self._direct = read_buffer(max(widest + 2 * 4096, READ_CHUNK))  # as our reader's slots
+        self._fds: dict[Path, int] = {}
+
+    def _cold(self) -> None:
+        from glmchat.model.mapped import evict_files
+
+        for mapped, _s, _e in self.ranges:
             mapped.drop(0, mapped.size)
-        evict_files(paths)
+        evict_files(self.paths)
+
+    def _timed(self, read: Any) -> float:
+        self._cold()
         t0 = time.perf_counter()
-        for mapped, start, end in ranges:
-            if method == "readahead":
+        read()
+        return self.total / (time.perf_counter() - t0) / 1e9
+
+    def pread(self) -> float:
+        view = memoryview(self._direct)[:READ_CHUNK]
+
+        def read() -> None:
+            for mapped, start, end in self.ranges:
+                offset = start
+                while offset < end:
+                    n = os.preadv(mapped.fd, [view[:min(READ_CHUNK, end - offset)]], offset)
+                    if n <= 0:
+                        break
+                    offset += n
+        return self._timed(read)
+
+    def readahead(self) -> float:
+        def read() -> None:
+            for mapped, start, end in self.ranges:
                 mapped.will_need(start, end)
                 mapped.populate(start, end)
-                continue
-            offset = start
-            while offset < end:
-                n = os.preadv(mapped.fd, [view[:min(READ_CHUNK, end - offset)]], offset)
-                if n <= 0:
-                    break
-                offset += n
-        best = max(best, total / (time.perf_counter() - t0) / 1e9)
-    for mapped, _s, _e in ranges:
-        mapped.drop(0, mapped.size)
-    return best
+        return self._timed(read)
+
+    def direct(self) -> float:
+        view = memoryview(self._direct)
+
+        def read() -> None:
+            for ranges in self.modules:
+                for mapped, start, end in ranges:
+                    start -= start % 4096
+                    end += -end % 4096
+                    fd = self._fds.get(mapped.path)
+                    if fd is None:
+                        fd = self._fds[mapped.path] = os.open(
+                            mapped.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                    offset = start
+                    while offset < end:
+                        n = os.preadv(fd, [view[offset - start:end - start]], offset)
+                        if n <= 0:
+                            break
+                        offset += n
+        return self._timed(read)
+
+    def measure(self) -> dict[str, float]:
+        """Each way twice; the best of each."""
+        best: dict[str, float] = {}
+        for _ in range(2):
+            for name, method in (("pread", self.pread), ("readahead", self.readahead),
+                                 ("direct", self.direct)):
+                try:
+                    best[name] = max(best.get(name, 0.0), method())
+                except OSError:  # no O_DIRECT on this filesystem
+                    best.setdefault(name, 0.0)
+        self._cold()
+        return best
+
+    def sample(self) -> float:
+        """One reading between engine steps: the fastest of the three ways."""
+        best = 0.0
+        for method in (self.pread, self.readahead, self.direct):
+            with contextlib.suppress(OSError):  # no O_DIRECT on this filesystem
+                best = max(best, method())
+        self._cold()
+        return best
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._direct.close()
+
+
+def _regime_engines(engines: list[str], regime: str, reader: str, device_type: str
+                    ) -> dict[str, tuple[str, str]]:
+    """Display name → (engine, requested reader) for one regime. The cold regime stands for a
+    model larger than RAM: with ``--reader auto`` ours then runs with the reader auto picks for
+    such a model (direct), and the mmap reader is shown beside it."""
+    out: dict[str, tuple[str, str]] = {}
+    for engine in engines:
+        if engine == "resident" and regime == "cold":
+            continue
+        if engine != "glmchat":
+            out[engine] = (engine, "")
+        elif regime == "cold" and reader == "auto" and device_type == "cpu":
+            out["glmchat"] = ("glmchat", "direct")
+            out["glmchat:mmap"] = ("glmchat", "mmap")
+        else:
+            out["glmchat"] = ("glmchat", reader)
+    return out
 
 
 def _pinned_copy_gbps(device: Any) -> float:
@@ -256,7 +386,8 @@ def _pinned_copy_gbps(device: Any) -> float:
 
 
 def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str], dtype: Any,
-          device: Any, prefetch: int, release_behind: bool | None) -> tuple[Any, Any]:
+          device: Any, prefetch: int, release_behind: bool | None, reader: str
+          ) -> tuple[Any, Any]:
     from accelerate import init_empty_weights
     from glmchat.model import offload
     from transformers import AutoModelForCausalLM
@@ -274,16 +405,18 @@ def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         runtime = offload.load_offloaded(model, weights_dir, device_map, dtype, device,
-                                         prefetch=prefetch, release_behind=release_behind)
+                                         prefetch=prefetch, release_behind=release_behind,
+                                         reader=reader)
         return model.eval(), runtime
     raise SystemExit(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
 
 
 def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
-                          new_tokens: int, device: Any, evict: list[Path] | None
-                          ) -> dict[str, Run]:
+                          new_tokens: int, device: Any, evict: list[Path] | None,
+                          probe: DiskProbe | None = None) -> tuple[dict[str, Run], list[float]]:
     """Greedy decoding on every engine, one step each in turn. ``evict``: the cold regime's
-    files, evicted before every engine's every forward (not timed)."""
+    files, evicted before every engine's every forward (not timed). ``probe``: also read the
+    streamed bytes from disk once per round (the bound, measured under the same conditions)."""
     import statistics
 
     import torch
@@ -303,6 +436,7 @@ def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
             evict_files(evict)
 
     runs = {name: Run(engine=name, regime="") for name in engines}
+    samples: list[float] = []
     state: dict[str, tuple[Any, Any, int]] = {}
     steps: dict[str, list[float]] = {name: [] for name in engines}
     waits = {name: rt.stats.wait_s if rt is not None else 0.0
@@ -323,6 +457,9 @@ def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
             runs[name].token_ids.append(int(token[0]))
             state[name] = (cache, token, prompt_ids.shape[1])
         for _ in range(new_tokens - 1):
+            if probe is not None:
+                prepare(None)
+                samples.append(probe.sample())
             for name, (model, runtime) in engines.items():
                 cache, token, past = state[name]
                 prepare(runtime)
@@ -340,22 +477,22 @@ def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
         if steps[name]:
             runs[name].decode_tokens_per_s = 1.0 / statistics.median(steps[name])
             runs[name].mean_tokens_per_s = len(steps[name]) / sum(steps[name])
-    return runs
+    return runs, samples
 
 
-def _report(runs: list[Run], bandwidth_gbps: float, bound_name: str) -> None:
+def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
     print()
-    header = (f"{'regime':6s} {'engine':10s} {'load s':>7s} {'TTFT s':>7s} {'tok/s':>8s} "
-              f"{'MB/token':>9s} {'GB/s':>6s} {'bound tok/s':>11s} {'ours/acc':>8s} "
-              f"{'ours/bound':>10s} {'vs resident':>11s}")
+    header = (f"{'regime':6s} {'engine':12s} {'reader':6s} {'load s':>7s} {'TTFT s':>7s} "
+              f"{'tok/s':>8s} {'MB/token':>9s} {'GB/s':>6s} {'bound tok/s':>11s} "
+              f"{'ours/acc':>8s} {'ours/bound':>10s} {'vs resident':>11s}")
     print(header)
     print("-" * len(header))
     by = {(r.engine, r.regime): r for r in runs}
     resident = by.get(("resident", "warm"))
     for run in runs:
-        bound = (bandwidth_gbps * 1e9 / run.bytes_per_token
-                 if run.bytes_per_token and bandwidth_gbps else 0.0)
-        ours = run.engine == "glmchat"
+        gbps = bounds.get(run.regime, 0.0)
+        bound = gbps * 1e9 / run.bytes_per_token if run.bytes_per_token and gbps else 0.0
+        ours = run.engine.startswith("glmchat")
         acc = by.get(("accelerate", run.regime))
         vs_acc = (run.decode_tokens_per_s / acc.decode_tokens_per_s
                   if ours and acc and acc.decode_tokens_per_s else 0.0)
@@ -363,12 +500,14 @@ def _report(runs: list[Run], bandwidth_gbps: float, bound_name: str) -> None:
         vs_res = (run.decode_tokens_per_s / resident.decode_tokens_per_s
                   if resident and resident.decode_tokens_per_s and run.engine != "resident"
                   else 0.0)
-        print(f"{run.regime:6s} {run.engine:10s} {run.load_s:7.2f} {run.ttft_s:7.2f} "
-              f"{run.decode_tokens_per_s:8.3f} {run.bytes_per_token / 1e6:9.1f} "
-              f"{run.effective_gb_per_s:6.2f} {_cell(bound, 11)} {_cell(vs_acc, 8, 'x')} "
-              f"{_cell(vs_bound * 100, 9, '%')} {_cell(vs_res, 10, 'x')}")
-    print(f"bound = streamed bytes per token ÷ {bound_name} throughput "
-          f"({bandwidth_gbps:.2f} GB/s, measured above)")
+        print(f"{run.regime:6s} {run.engine:12s} {run.reader or '-':6s} {run.load_s:7.2f} "
+              f"{run.ttft_s:7.2f} {run.decode_tokens_per_s:8.3f} "
+              f"{run.bytes_per_token / 1e6:9.1f} {run.effective_gb_per_s:6.2f} "
+              f"{_cell(bound, 11)} {_cell(vs_acc, 8, 'x')} {_cell(vs_bound * 100, 9, '%')} "
+              f"{_cell(vs_res, 10, 'x')}")
+    print(f"bound = streamed bytes per token ÷ {bound_name} throughput ("
+          + ", ".join(f"{regime} {gbps:.2f} GB/s" for regime, gbps in bounds.items())
+          + "; the best of the reads above and, cold, the median of the reads between steps)")
     cold = [r.cached_after_eviction for r in runs if r.cached_after_eviction >= 0]
     if cold:
         print(f"cold: after each eviction at most {max(cold) * 100:.1f}% of the weight files "

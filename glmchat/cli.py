@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from glmchat import __version__
-from glmchat.config import DTYPES, OFFLOAD_RUNTIMES, Config, load_config
+from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
 
@@ -25,7 +25,8 @@ SUBCOMMANDS = ("replay", "sessions", "bench")
 # flag dest → (config section, key)
 MODEL_FLAGS = {
     "model": "path", "dtype": "dtype", "gpu_memory": "gpu_memory", "cpu_memory": "cpu_memory",
-    "offload_dir": "offload_dir", "offload_runtime": "offload_runtime", "threads": "threads",
+    "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
+    "offload_reader": "offload_reader", "threads": "threads",
 }
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
@@ -61,6 +62,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="where converted weights offloaded to disk go")
     g.add_argument("--offload-runtime", choices=OFFLOAD_RUNTIMES, default=s,
                    help="who streams offloaded layers: glmchat (prefetching) or accelerate")
+    g.add_argument("--offload-reader", choices=OFFLOAD_READERS, default=s,
+                   help="glmchat runtime on CPU: mmap (compute from the page cache), direct "
+                        "(O_DIRECT reads into slot buffers), auto (direct when the weights "
+                        "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
 

@@ -23,6 +23,7 @@ from glmchat.protocol import ModelSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_RUNTIMES = ("glmchat", "accelerate")
+OFFLOAD_READERS = ("auto", "mmap", "direct")
 FRONTENDS = ("tui", "plain")
 
 
@@ -34,12 +35,14 @@ class ModelConfig:
     cpu_memory: float | None = None  # GiB; None = what is available
     offload_dir: str = ""
     offload_runtime: str = "glmchat"
+    offload_reader: str = "auto"
     threads: int = 0
 
     def spec(self) -> ModelSpec:
         return ModelSpec(path=self.path, dtype=self.dtype, gpu_memory=self.gpu_memory,
                          cpu_memory=self.cpu_memory, offload_dir=self.offload_dir,
-                         offload_runtime=self.offload_runtime, threads=self.threads)
+                         offload_runtime=self.offload_runtime,
+                         offload_reader=self.offload_reader, threads=self.threads)
 
 
 @dataclass
@@ -108,6 +111,8 @@ def _model_problems(values: dict[str, Any]) -> list[str]:
         "offload_dir": (isinstance(values.get("offload_dir"), str), "use a directory path"),
         "offload_runtime": (values.get("offload_runtime") in OFFLOAD_RUNTIMES,
                             "use one of " + ", ".join(OFFLOAD_RUNTIMES)),
+        "offload_reader": (values.get("offload_reader") in OFFLOAD_READERS,
+                           "use one of " + ", ".join(OFFLOAD_READERS)),
         "threads": (isinstance(values.get("threads"), int)
                     and not isinstance(values.get("threads"), bool) and values["threads"] >= 0,
                     "use an integer >= 0 (0 = torch's default)"),
@@ -181,7 +186,7 @@ def load_config(config_file: Path | None = None,
             gpu_memory=None if m["gpu_memory"] == "auto" else float(m["gpu_memory"]),
             cpu_memory=None if m["cpu_memory"] == "auto" else float(m["cpu_memory"]),
             offload_dir=m["offload_dir"], offload_runtime=m["offload_runtime"],
-            threads=m["threads"]),
+            offload_reader=m["offload_reader"], threads=m["threads"]),
         generation=GenerationParams.from_dict(merged["generation"]),
         sessions=SessionsConfig(**merged["sessions"]),
         ui=UIConfig(**merged["ui"]),

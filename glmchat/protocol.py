@@ -25,6 +25,7 @@ class ModelSpec:
     cpu_memory: float | None = None  # GiB; None = what is available
     offload_dir: str = ""  # "" = the cache dir's offload/
     offload_runtime: str = "glmchat"
+    offload_reader: str = "auto"  # glmchat runtime, CPU compute: "auto" | "mmap" | "direct"
     threads: int = 0
 
 

@@ -147,7 +147,8 @@ class Engine:
             if streamed:
                 assert device_map is not None
                 streamer = offload.load_offloaded(meta_model, weights_dir, device_map, dtype,
-                                                  offload.compute_device(device_map))
+                                                  offload.compute_device(device_map),
+                                                  reader=spec.offload_reader)
                 model, device_map = meta_model, streamer.device_map
                 with contextlib.suppress(OSError):
                     model.generation_config = GenerationConfig.from_pretrained(weights_dir)

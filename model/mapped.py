@@ -31,6 +31,8 @@ from glmchat.errors import GlmchatError
 PAGE = mmap.PAGESIZE
 MADV_WILLNEED = 3
 MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault pages in; errors come back as EFAULT, not SIGBUS
 
 SAFETENSORS_DTYPES = {
@@ -42,6 +44,8 @@ SAFETENSORS_DTYPES = {
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.mincore.restype = ctypes.c_int
 
 
 class OffloadError(GlmchatError):
@@ -124,6 +128,18 @@ class MappedFile:
             return ctypes.get_errno()
         return 0
 
+    def cached(self, start: int, end: int) -> bool:
+        """Whether every page of [start, end) is in the page cache now (``mincore``)."""
+        begin = start - start % PAGE
+        length = min(end, self.size) - begin
+        if length <= 0:
+            return True
+        pages = (length + PAGE - 1) // PAGE
+        vector = ctypes.create_string_buffer(pages)
+        if _libc.mincore(ctypes.c_void_p(self.address + begin), length, vector) != 0:
+            return False
+        return b"\x00" not in vector.raw[:pages]  # one byte per page: 1 = cached
+
     def will_need(self, start: int, end: int) -> None:
         """Start reading [start, end) into the page cache, asynchronously."""
         os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_WILLNEED)
@@ -184,6 +200,19 @@ class MappedCheckpoint:
     def close(self) -> None:
         for mapped in self.files:
             mapped.close()
+
+
+def read_buffer(nbytes: int) -> mmap.mmap:
+    """Anonymous, page-aligned memory for O_DIRECT reads, backed by huge pages where the kernel
+    allows (``MADV_HUGEPAGE``) and faulted in now. Huge pages matter: a direct read into 4 KiB
+    pages is split into many small device requests (measured here: ~1 GB/s instead of ~3)."""
+    size = max(PAGE, nbytes + (-nbytes % HUGE_PAGE))
+    buffer = mmap.mmap(-1, size)
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    _libc.madvise(ctypes.c_void_p(whole.data_ptr()), size, MADV_HUGEPAGE)  # best effort
+    whole.zero_()  # fault every page in now, not during the reads
+    del whole  # the mapping may be closed again once its last view is gone
+    return buffer
 
 
 def merged_ranges(locations: list[TensorLocation]) -> list[tuple[MappedFile, int, int]]:

@@ -13,9 +13,13 @@ The reader thread walks the streamed modules in forward order, cyclically (after
 one token comes the first streamed layer of the next), holding at most ``slots`` of them —
 staged, ready, or being computed. What "staging" means is the backend's business:
 
-- ``MappedBackend`` (compute on the CPU): advise the kernel and fault the module's pages of the
-  model's own safetensors files into our mapping; the weights *are* the mapping, no copy. After
-  compute the pages are unmapped again (they stay in the page cache while it has room).
+- ``MappedBackend`` (compute on the CPU, ``reader="mmap"``, for weights that fit in the page
+  cache): advise the kernel and fault the module's pages of the model's own safetensors files
+  into our mapping; the weights *are* the mapping, no copy. Layers still mapped and cached are
+  not faulted again. When the files could not stay cached, pages are unmapped after compute.
+- ``DirectBackend`` (compute on the CPU, ``reader="direct"``, for weights that do not fit): one
+  O_DIRECT ``pread`` per contiguous range of the layer into ``slots`` preallocated, huge-page
+  backed slot buffers; the weights are views of the slot. No page cache, faults or copies.
 - ``CudaBackend`` (compute on a GPU): copy the layer into one of ``slots`` preallocated GPU
   buffers on a side stream, from host memory pinned once at load (CPU tier) or through a pinned
   staging buffer filled from the mapping (disk tier); events order the copy before compute and
@@ -27,6 +31,9 @@ streamer drops what it staged and restarts at the module asked for.
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -38,12 +45,23 @@ import psutil
 import torch
 from torch import nn
 
-from .mapped import MappedCheckpoint, MappedFile, OffloadError, TensorLocation, merged_ranges
+from .mapped import (
+    MappedCheckpoint,
+    MappedFile,
+    OffloadError,
+    TensorLocation,
+    merged_ranges,
+    read_buffer,
+)
 
 # Device-map tiers whose layers the runtime streams, per compute device type.
 STREAMED_TIERS = {"cpu": ("disk",), "cuda": ("cpu", "disk")}
 WAIT_POLL_S = 0.5
 GPU_ALIGN = 256
+DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to this
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+READERS = ("auto", "mmap", "direct")
+PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -75,6 +93,7 @@ class Backend(Protocol):
     def before_compute(self, staged: Staged) -> None: ...
     def after_compute(self, staged: Staged) -> None: ...
     def discard(self, staged: Staged) -> None: ...
+    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,20 +106,29 @@ class MappedBackend:
     def __init__(self, dtype: torch.dtype, release_behind: bool = True) -> None:
         self.dtype = dtype
         self.release_behind = release_behind
+        # Layers whose pages we faulted in and have not dropped since. While the page cache
+        # still holds them, our page tables do too: staging them again is free. (Populating
+        # a mapped 88 MB layer again costs ~3.5 ms of CPU, a core the matmuls want.)
+        self.mapped: set[str] = set()
 
     def hint(self, layer: LayerWeights) -> None:
         """The module after the one being staged: start its disk reads now, asynchronously,
         so the disk always has the next layer queued."""
+        if layer.name in self.mapped and _all_cached(layer):
+            return
         for mapped, start, end in layer.ranges:
             mapped.will_need(start, end)
 
     def stage(self, layer: LayerWeights, slot: int) -> Staged:
         for mapped, _start, _end in layer.ranges:
             mapped.check_intact()
-        for mapped, start, end in layer.ranges:
-            mapped.will_need(start, end)
-        for mapped, start, end in layer.ranges:
-            mapped.populate(start, end)
+        if layer.name not in self.mapped or not _all_cached(layer):
+            for mapped, start, end in layer.ranges:
+                mapped.will_need(start, end)
+            for mapped, start, end in layer.ranges:
+                mapped.populate(start, end)
+            if not self.release_behind:
+                self.mapped.add(layer.name)
         tensors = {}
         for name, location in zip(layer.names, layer.locations, strict=True):
             view = location.file.view(location)
@@ -117,10 +145,125 @@ class MappedBackend:
     def discard(self, staged: Staged) -> None:
         self._unmap(staged)
 
+    def close(self) -> None:
+        pass
+
     def _unmap(self, staged: Staged) -> None:
         if self.release_behind:
             for mapped, start, end in staged.layer.ranges:
                 mapped.drop(start, end)
+
+    def forget(self) -> None:
+        """Everything was unmapped behind our back (``OffloadRuntime.evict``)."""
+        self.mapped.clear()
+
+
+class DirectBackend:
+    """CPU compute, for weights that do not stay in the page cache: ``slots`` anonymous slot
+    buffers, allocated and faulted in once, each filled with one ``pread`` per contiguous byte
+    range of the layer (a layer is one or two ranges), through a descriptor opened with
+    ``O_DIRECT``. The disk DMAs straight into the slot: no page cache to fill and evict, no page
+    faults, no copy, and one large request per range keeps the device's queue deep. Where the
+    filesystem refuses O_DIRECT (tmpfs) the same reads go through the page cache."""
+
+    def __init__(self, layers: Sequence[LayerWeights], slots: int, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.plans: dict[str, list[tuple[MappedFile, int, int, int]]] = {}
+        slot_bytes = PAGE
+        for layer in layers:
+            plan, size = _read_plan(layer)
+            self.plans[layer.name] = plan
+            slot_bytes = max(slot_bytes, size)
+        self.slot_bytes = slot_bytes
+        self._maps = [read_buffer(slot_bytes) for _ in range(slots)]
+        self.buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._direct_fds: dict[Path, int] = {}
+        self.buffered_fallback = False
+
+    def _fd(self, mapped: MappedFile) -> int:
+        fd = self._direct_fds.get(mapped.path)
+        if fd is None:
+            try:
+                fd = os.open(mapped.path, os.O_RDONLY | O_DIRECT)
+            except OSError:  # EINVAL: no O_DIRECT on this filesystem
+                fd = -1
+                self.buffered_fallback = True
+            self._direct_fds[mapped.path] = fd
+        return fd if fd >= 0 else mapped.fd
+
+    def hint(self, layer: LayerWeights) -> None:
+        pass  # reads are synchronous and large: the device queue is never empty while one runs
+
+    def stage(self, layer: LayerWeights, slot: int) -> Staged:
+        plan = self.plans[layer.name]
+        for mapped, _start, _end, _at in plan:
+            mapped.check_intact()
+        view = memoryview(self._maps[slot])
+        for mapped, start, end, at in plan:
+            self._read(mapped, view[at:at + end - start], start, end)
+        buffer = self.buffers[slot]
+        tensors = {}
+        for name, location in zip(layer.names, layer.locations, strict=True):
+            at = next(at + location.start - start for mapped, start, end, at in plan
+                      if mapped is location.file and start <= location.start < end)
+            flat = buffer[at:at + location.nbytes].view(location.dtype).view(location.shape)
+            # Same dtype as stored: computed from the slot. Otherwise converted here.
+            tensors[name] = flat if flat.dtype == self.dtype else flat.to(self.dtype)
+        return Staged(layer, slot, tensors)
+
+    def _read(self, mapped: MappedFile, target: memoryview, start: int, end: int) -> None:
+        offset = start
+        while offset < end:
+            fd = self._fd(mapped)
+            try:
+                n = os.preadv(fd, [target[offset - start:]], offset)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and fd != mapped.fd:
+                    # The filesystem took O_DIRECT at open but not for this read.
+                    os.close(fd)
+                    self._direct_fds[mapped.path] = -1
+                    self.buffered_fallback = True
+                    continue
+                raise OffloadError(f"{mapped.path}: reading bytes {offset}-{end} failed "
+                                   f"({exc.strerror}); check the disk and reload") from None
+            if n <= 0:
+                if offset >= mapped.needed:
+                    return  # the aligned tail ran past the end of the file: nothing needed
+                raise OffloadError(f"{mapped.path} ends at byte {offset}, before the layer's "
+                                   "weights do: the file was truncated; restore it and reload")
+            offset += n
+
+    def before_compute(self, staged: Staged) -> None:
+        pass
+
+    def after_compute(self, staged: Staged) -> None:
+        pass
+
+    def discard(self, staged: Staged) -> None:
+        pass
+
+    def close(self) -> None:
+        for fd in self._direct_fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._direct_fds.clear()
+
+
+def _read_plan(layer: LayerWeights) -> tuple[list[tuple[MappedFile, int, int, int]], int]:
+    """Where each of the layer's byte ranges lands in a slot buffer, widened to O_DIRECT's
+    alignment: (file, start, end, offset in the slot), and the slot bytes needed."""
+    plan = []
+    cursor = 0
+    for mapped, start, end in layer.ranges:
+        start -= start % DIRECT_ALIGN
+        end += -end % DIRECT_ALIGN
+        plan.append((mapped, start, end, cursor))
+        cursor += end - start
+    return plan, cursor
+
+
+def _all_cached(layer: LayerWeights) -> bool:
+    return all(mapped.cached(start, end) for mapped, start, end in layer.ranges)
 
 
 class CudaBackend:
@@ -188,6 +331,9 @@ class CudaBackend:
     def discard(self, staged: Staged) -> None:
         pass  # the slot's computed event is still the last use: refilling it stays ordered
 
+    def close(self) -> None:
+        pass
+
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -229,6 +375,7 @@ class StreamStats:
     max_held: int = 0  # most slots ever held at once (staging + ready + computing)
     resyncs: int = 0
     release_behind: bool = True
+    reader: str = "mmap"  # CPU compute: "mmap" (page cache, zero-copy) or "direct" (O_DIRECT)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -444,7 +591,7 @@ class OffloadRuntime:
             "bytes_streamed_per_token": s.bytes_per_token,
             "stream_gb_per_s": (s.bytes_per_token / step_s / 1e9) if step_s > 0 else 0.0,
             "reader_wait_s": round(s.wait_s, 4), "slots": s.slots,
-            "release_behind": s.release_behind,
+            "release_behind": s.release_behind, "reader": s.reader,
         }
 
     def idle(self) -> None:
@@ -455,6 +602,8 @@ class OffloadRuntime:
         """Unmap every streamed page and drop the files from the page cache (the bench's cold
         regime: pages still mapped would survive posix_fadvise(DONTNEED))."""
         self.streamer.stop()
+        if isinstance(self.streamer.backend, MappedBackend):
+            self.streamer.backend.forget()
         for mapped in self.checkpoint.files:
             mapped.drop(0, mapped.size)
             mapped.evict()
@@ -464,6 +613,7 @@ class OffloadRuntime:
 
     def close(self) -> None:
         self.streamer.stop()
+        self.streamer.backend.close()
         self.checkpoint.close()
 
 
@@ -529,35 +679,62 @@ def even_spread(n_layers: int, n_resident: int) -> list[int]:
 
 def load_offloaded(meta_model: nn.Module, weights_dir: Path, device_map: dict[str, str],
                    dtype: torch.dtype, device: torch.device, *, prefetch: int = 1,
-                   release_behind: bool | None = None) -> OffloadRuntime:
+                   release_behind: bool | None = None, reader: str = "auto") -> OffloadRuntime:
     """Fill ``meta_model`` (built under ``init_empty_weights``) from the mapped checkpoint:
     resident modules get their own copy on ``device``, streamed layers become StreamedModules.
 
     ``device_map`` is the placement's (module → "cuda:0" | "cpu" | "disk"). On a GPU, the
     number of GPU layers is kept but they are spread evenly through the depth, ``prefetch + 1``
     slots are carved out of the GPU share, and the non-layer modules always live on the GPU.
+
+    ``reader`` (CPU compute): "mmap" computes from the mapped files through the page cache;
+    "direct" reads each layer with O_DIRECT into slot buffers; "auto" picks "direct" when the
+    weight files could not stay in the page cache anyway (more than half the available RAM).
     """
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
     checkpoint = MappedCheckpoint.open(weights_dir)
     try:
-        return _load(meta_model, checkpoint, device_map, dtype, device, prefetch, release_behind)
+        return _load(meta_model, checkpoint, device_map, dtype, device, prefetch, release_behind,
+                     reader)
     except BaseException:
         checkpoint.close()
         raise
 
 
+def _cacheable(file_bytes: int, available: int) -> bool:
+    """Whether the weight files can stay in the page cache between tokens."""
+    return file_bytes <= available // 2
+
+
+def pick_reader(reader: str, file_bytes: int, available: int, on_gpu: bool) -> str:
+    """The reader ``reader`` ("auto" | "mmap" | "direct") means for weight files of
+    ``file_bytes`` with ``available`` bytes of RAM: auto reads directly when the files could not
+    stay in the page cache anyway (every token reads them from disk then), else computes from
+    the page cache. With GPU compute, disk-tier layers reach the GPU's staging buffers through
+    the mapping."""
+    if on_gpu:
+        return "mmap"
+    if reader == "auto":
+        return "mmap" if _cacheable(file_bytes, available) else "direct"
+    return reader
+
+
 def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, str],
           dtype: torch.dtype, device: torch.device, prefetch: int,
-          release_behind: bool | None) -> OffloadRuntime:
+          release_behind: bool | None, reader: str) -> OffloadRuntime:
     layers_name, layer_list = decoder_layers(model)
     n_layers = len(layer_list)
     on_gpu = device.type == "cuda"
     slots = prefetch + 1
     prefix = f"{layers_name}."
+    file_bytes = sum(f.size for f in checkpoint.files)
+    available = psutil.virtual_memory().available
     if release_behind is None:
         # Unmapping after use costs a page fault per page on the next token. Worth it only
         # when the streamed weights could not stay in the page cache anyway.
-        streamed_bytes = sum(f.size for f in checkpoint.files)
-        release_behind = streamed_bytes > psutil.virtual_memory().available // 2
+        release_behind = not _cacheable(file_bytes, available)
+    reader = pick_reader(reader, file_bytes, available, on_gpu)
 
     # The units that stream: whole decoder layers, and on the CPU the other modules holding
     # weights (embeddings, final norm, head) where the placement put them on disk. Forward order.
@@ -629,6 +806,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
             if weights.tier == "cpu":
                 weights.pinned = _pin_layer(weights, dtype)
         backend = CudaBackend(units, slots, device, dtype)
+    elif reader == "direct":
+        backend = DirectBackend(units, slots, dtype)
     else:
         backend = MappedBackend(dtype, release_behind)
     streamer = LayerStreamer(units, backend, slots)
@@ -644,7 +823,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
     streamer.stats.streamed_layers = streamed_layers
     streamer.stats.resident_layers = n_layers - streamed_layers
     streamer.stats.bytes_per_token = sum(u.nbytes for u in units)
-    streamer.stats.release_behind = release_behind
+    streamer.stats.release_behind = release_behind and reader == "mmap"
+    streamer.stats.reader = reader
     return OffloadRuntime(streamer, checkpoint, device, tiers)
 
 

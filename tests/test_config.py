@@ -76,6 +76,7 @@ def test_flag_wins_only_where_typed(tmp_path: Path) -> None:
     ('[generation]\nstrategy = "fast"\n', "strategy = 'fast'"),
     ('[model]\ncpu_memory = "lots"\n', "cpu_memory = 'lots'"),
     ('[model]\ndtype = "int3"\n', "dtype = 'int3'"),
+    ('[model]\noffload_reader = "fast"\n', "offload_reader = 'fast'"),
     ('[generation]\nstrategy = "beam"\nnum_beams = 2\nnum_return_sequences = 3\n',
      "cannot exceed num_beams"),
 ])

@@ -114,14 +114,17 @@ def test_tensors_meta_before_mapped_during_meta_after_tiny_random_llama(
     assert runtime.stats.bytes_streamed == runtime.stats.bytes_per_token > 0
 
 
+@pytest.mark.parametrize(("reader", "release_behind"),
+                         [("mmap", True), ("mmap", False), ("direct", None)])
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
-@pytest.mark.parametrize("release_behind", [True, False])
 def test_greedy_identical_to_unoffloaded_tiny_random_llama(
-        tiny_dir: Path, prefetch: int, release_behind: bool) -> None:
+        tiny_dir: Path, prefetch: int, reader: str, release_behind: bool | None) -> None:
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     prompt = [5, 17, 300, 42, 7]
     expected = greedy(reference, prompt)
-    model, runtime = load_streamed(tiny_dir, prefetch=prefetch, release_behind=release_behind)
+    model, runtime = load_streamed(tiny_dir, prefetch=prefetch, release_behind=release_behind,
+                                   reader=reader)
+    assert runtime.stats.reader == reader
     try:
         assert greedy(model, prompt) == expected
         with torch.inference_mode():
@@ -131,21 +134,23 @@ def test_greedy_identical_to_unoffloaded_tiny_random_llama(
         runtime.close()
 
 
-def test_converting_dtype_while_streaming_tiny_random_llama(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["mmap", "direct"])
+def test_converting_dtype_while_streaming_tiny_random_llama(tmp_path: Path, reader: str) -> None:
     """bfloat16 on disk, float32 compute: the reader converts, output matches."""
     directory = save_tiny(tmp_path, dtype=torch.bfloat16)
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    model, runtime = load_streamed(directory, dtype=torch.float32)
+    model, runtime = load_streamed(directory, dtype=torch.float32, reader=reader)
     try:
         assert greedy(model, [3, 1, 4, 1, 5]) == greedy(reference, [3, 1, 4, 1, 5])
     finally:
         runtime.close()
 
 
+@pytest.mark.parametrize("reader", ["mmap", "direct"])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_prefetcher_never_exceeds_slot_budget_tiny_random_llama(tiny_dir: Path,
-                                                               prefetch: int) -> None:
-    model, runtime = load_streamed(tiny_dir, prefetch=prefetch)
+                                                               prefetch: int, reader: str) -> None:
+    model, runtime = load_streamed(tiny_dir, prefetch=prefetch, reader=reader)
     backend = runtime.streamer.backend
     held = {"now": 0, "max": 0}
     lock = threading.Lock()
@@ -171,15 +176,18 @@ def test_prefetcher_never_exceeds_slot_budget_tiny_random_llama(tiny_dir: Path,
         assert held["max"] <= prefetch + 1
         assert runtime.stats.max_held <= prefetch + 1
         assert held["now"] == 0
+        if reader == "direct":  # the reads went into exactly prefetch + 1 preallocated slots
+            assert len(backend.buffers) == prefetch + 1  # type: ignore[attr-defined]
     finally:
         runtime.close()
 
 
+@pytest.mark.parametrize("reader", ["mmap", "direct"])
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_file_damaged_mid_run_raises_clear_error_tiny_random_llama(
-        tmp_path: Path, damage: str) -> None:
+        tmp_path: Path, damage: str, reader: str) -> None:
     directory = save_tiny(tmp_path / "model")
-    model, runtime = load_streamed(directory)
+    model, runtime = load_streamed(directory, reader=reader)
     try:
         greedy(model, [1, 2, 3], n=2)
         runtime.idle()  # nothing of the file is mapped in now
@@ -194,6 +202,79 @@ def test_file_damaged_mid_run_raises_clear_error_tiny_random_llama(
         assert str(weights) in str(raised.value)
         runtime.idle()
         assert not reader_threads()
+    finally:
+        runtime.close()
+
+
+def test_direct_reader_computes_from_slot_buffers_tiny_random_llama(tiny_dir: Path) -> None:
+    """reader="direct": streamed weights are read (O_DIRECT) into the preallocated slots and
+    computed from there, never from the mapping; outside their turn they are on meta."""
+    model, runtime = load_streamed(tiny_dir, reader="direct")
+    backend = runtime.streamer.backend
+    assert isinstance(backend, offload.DirectBackend)
+    slots = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in backend.buffers]
+    seen: dict[int, tuple[bool, bool]] = {}
+
+    def record(i: int, module: torch.nn.Module) -> None:
+        pointer = module.weight.data_ptr()
+        seen[i] = (any(lo <= pointer < hi for lo, hi in slots), in_mapping(module.weight, runtime))
+
+    hooks = [model.model.layers[i].mlp.up_proj.register_forward_pre_hook(
+        lambda m, args, i=i: record(i, m)) for i in range(4)]
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([[1, 2, 3]]))
+        assert seen[0] == (False, False)  # resident: its own memory
+        assert all(seen[i] == (True, False) for i in (1, 2, 3))
+        assert all(p.device.type == "meta" for p in model.model.layers[1].parameters())
+        assert runtime.live_stats(0.1)["reader"] == "direct"
+    finally:
+        for hook in hooks:
+            hook.remove()
+        runtime.close()
+
+
+def test_reader_auto_and_unknown_reader_tiny_random_llama(tiny_dir: Path) -> None:
+    # A few kB of weights stay in the page cache: auto computes from the mapping.
+    _model, runtime = load_streamed(tiny_dir, reader="auto")
+    try:
+        assert runtime.stats.reader == "mmap"
+    finally:
+        runtime.close()
+    gib = 1 << 30
+    assert offload.pick_reader("auto", 2 * gib, available=24 * gib, on_gpu=False) == "mmap"
+    assert offload.pick_reader("auto", 13 * gib, available=24 * gib, on_gpu=False) == "direct"
+    assert offload.pick_reader("mmap", 13 * gib, available=24 * gib, on_gpu=False) == "mmap"
+    assert offload.pick_reader("direct", 1, available=24 * gib, on_gpu=False) == "direct"
+    assert offload.pick_reader("direct", 1, available=24 * gib, on_gpu=True) == "mmap"
+    with pytest.raises(ValueError, match="reader must be one of"):
+        load_streamed(tiny_dir, reader="odirect")
+
+
+def test_warm_mmap_reader_does_not_fault_mapped_layers_again_tiny_random_llama(
+        tiny_dir: Path) -> None:
+    """release_behind=False: once a layer's pages are mapped and cached, staging it again
+    skips MADV_POPULATE_READ (CPU the matmuls want); after an eviction it populates again."""
+    model, runtime = load_streamed(tiny_dir, release_behind=False, reader="mmap")
+    populated: list[tuple[int, int]] = []
+
+    def counting(populate: Any) -> Any:
+        def wrapper(start: int, end: int) -> None:
+            populated.append((start, end))
+            populate(start, end)
+        return wrapper
+
+    for mapped in runtime.checkpoint.files:
+        mapped.populate = counting(mapped.populate)  # type: ignore[method-assign]
+    try:
+        greedy(model, [1, 2, 3], n=3)
+        first = len(populated)
+        assert first == len(runtime.streamer.layers)  # each streamed module once
+        greedy(model, [1, 2, 3], n=3)
+        assert len(populated) == first  # all still mapped: nothing populated again
+        runtime.evict()
+        greedy(model, [1, 2, 3], n=1)
+        assert len(populated) > first
     finally:
         runtime.close()
 

@@ -45,6 +45,8 @@ def engines(tiny_model: Path) -> Iterator[dict[str, Any]]:
     for name, spec in {
         "resident": ModelSpec(path=str(tiny_model)),
         "glmchat": ModelSpec(path=str(tiny_model), cpu_memory=ALL_ON_DISK),
+        "glmchat-direct": ModelSpec(path=str(tiny_model), cpu_memory=ALL_ON_DISK,
+                                    offload_reader="direct"),
         "accelerate": ModelSpec(path=str(tiny_model), cpu_memory=ALL_ON_DISK,
                                 offload_runtime="accelerate"),
     }.items():
@@ -77,6 +79,8 @@ def test_greedy_identical_across_runtimes_tiny_random(engines: dict[str, Any]) -
         engine.conversation.clear()
         results[name] = ask(engine, [("user", "Tell me about lighthouses.")]).token_ids
     assert results["glmchat"] == results["resident"] == results["accelerate"]
+    assert results["glmchat-direct"] == results["resident"]
+    assert engines["glmchat-direct"].loaded.offload.stats.reader == "direct"
     assert not [t for t in threading.enumerate() if t.name == READER]
 
 
@@ -133,12 +137,14 @@ def test_default_model_cpu_memory_limit_same_greedy_output_via_cli(isolated_xdg:
             "--no-save"]
     outputs = {}
     for name, extra in {"unlimited": [], "glmchat": ["--cpu-memory", "0.1"],
+                        "direct": ["--cpu-memory", "0.1", "--offload-reader", "direct"],
                         "accelerate": ["--cpu-memory", "0.1", "--offload-runtime",
                                        "accelerate"]}.items():
         done = run_cli(*args, *extra)
         assert done.returncode == 0, done.stderr
         outputs[name] = json.loads(done.stdout.splitlines()[-1])["token_ids"]
     assert outputs["glmchat"] == outputs["unlimited"] == outputs["accelerate"]
+    assert outputs["direct"] == outputs["unlimited"]
 
 
 @pytest.mark.slow
@@ -155,6 +161,11 @@ def test_bench_make_model_and_offload_tiny_random(tmp_path: Path) -> None:
     runs = json.loads(results.read_text())["runs"]
     assert {(r["engine"], r["regime"]) for r in runs} == {
         ("resident", "warm"), ("accelerate", "warm"), ("accelerate", "cold"),
-        ("glmchat", "warm"), ("glmchat", "cold")}
+        ("glmchat", "warm"), ("glmchat", "cold"), ("glmchat:mmap", "cold")}
+    readers = {(r["engine"], r["regime"]): r["reader"] for r in runs}
+    assert readers[("glmchat", "warm")] == "mmap"  # auto, for a model that fits in RAM
+    assert readers[("glmchat", "cold")] == "direct"  # what auto picks for one that does not
+    assert readers[("glmchat:mmap", "cold")] == "mmap"
+    assert "disk read throughput of the streamed bytes" in bench.stdout
     unknown = run_cli("bench", "nope")
     assert unknown.returncode == 2

@@ -28,6 +28,35 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+def streaming(extra: dict[str, object]) -> list[tuple[str, str]]:
+    """What the glmchat offload runtime reported with a decode step (``StepStats.extra``), as
+    (label, value) rows; none when nothing streams."""
+    layers = extra.get("streamed_layers")
+    if not isinstance(layers, int) or layers <= 0:
+        return []
+    per_token = extra.get("bytes_streamed_per_token", 0)
+    rate = extra.get("stream_gb_per_s", 0.0)
+    reader = extra.get("reader", "")
+    resident = extra.get("resident_layers", 0)
+    rows = [("streamed", f"{layers} layers · {resident} resident"),
+            ("per token", human_bytes(per_token) if isinstance(per_token, int | float) else "?")]
+    if isinstance(rate, int | float) and rate > 0:
+        rows.append(("stream", f"{rate:.2f} GB/s" + (f" · {reader}" if reader else "")))
+    return rows
+
+
+def streaming_summary(extra: dict[str, object]) -> str:
+    """One clause for the REPL's stats line: 'streamed 1.9 GiB/token at 3.01 GB/s (direct)'."""
+    rows = dict(streaming(extra))
+    if not rows:
+        return ""
+    text = f"streamed {rows['per token']}/token"
+    if "stream" in rows:
+        rate, _, reader = rows["stream"].partition(" · ")
+        text += f" at {rate}" + (f" ({reader} reader)" if reader else "")
+    return text
+
+
 def eta(elapsed_s: float, done: int, total: int) -> str:
     """Time left at the rate so far; '' until there is a rate to go on."""
     if done <= 0 or total <= 0 or done >= total or elapsed_s <= 0:

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from glmchat.tui import commands
 from glmchat.tui.conversation import Conversation, start_conversation
-from glmchat.tui.format import human_bytes, stats_line
+from glmchat.tui.format import human_bytes, stats_line, streaming_summary
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History
 from prompt_toolkit.input import Input
@@ -29,7 +29,15 @@ from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
-from glmchat.protocol import Event, Finished, GenerationResult, Loaded, LoadProgress, Token
+from glmchat.protocol import (
+    Event,
+    Finished,
+    GenerationResult,
+    Loaded,
+    LoadProgress,
+    StepStats,
+    Token,
+)
 
 FENCE = '"""'
 KEYS_HELP = ('Enter sends · a line ending in \\ continues · Ctrl+J or Esc Enter: newline · '
@@ -105,6 +113,7 @@ class PlainRepl:
         self.loader: threading.Thread | None = None
         self.load_events: queue.Queue[Event] = queue.Queue()
         self.load_error: Exception | None = None
+        self.last_step_extra: dict[str, object] = {}  # the offload runtime's streaming stats
 
     # ---- output ---------------------------------------------------------------------------------
 
@@ -189,6 +198,9 @@ class PlainRepl:
             self.conversation.add_assistant(result)
             self.write("\n")
             line = stats_line(result)
+            streamed = streaming_summary(self.last_step_extra)
+            if streamed:
+                line += f" · {streamed}"
             if len(result.beams) > 1:
                 line += f" · {len(result.beams)} beams: /beams lists them, /pick N"
             self.say(f"[{line}]", "dim")
@@ -200,6 +212,7 @@ class PlainRepl:
     def _stream(self, gen_id: str) -> tuple[str, GenerationResult | None]:
         text = ""
         provisional = False
+        self.last_step_extra = {}
         try:
             try:
                 for event in self.client.stream(gen_id):
@@ -213,6 +226,8 @@ class PlainRepl:
                     elif isinstance(event, Token):
                         text += event.text
                         self.write(event.text)
+                    elif isinstance(event, StepStats) and event.new_tokens > 1:
+                        self.last_step_extra = event.extra
                     elif isinstance(event, Finished):
                         if provisional:
                             self.write("\r\x1b[2K" if self.color else "")

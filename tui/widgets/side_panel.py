@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from glmchat.tui.format import duration, human_bytes, human_count
+from glmchat.tui.format import duration, human_bytes, human_count, streaming
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -68,6 +68,7 @@ class SidePanel(VerticalScroll):
     def on_mount(self) -> None:
         self.query_one("#load-bar").display = False  # until there is progress to show
         self.query_one("#load-what").display = False
+        self.query_one("#stream-rows").display = False  # until a layer streams
 
     def compose(self) -> ComposeResult:
         with Vertical(id="model-box", classes="box") as box:
@@ -87,6 +88,7 @@ class SidePanel(VerticalScroll):
         with Vertical(id="placement-box", classes="box") as box:
             box.border_title = "Layers"
             yield Static("–", id="placement-rows")
+            yield Static("", id="stream-rows")
         with Vertical(id="settings-box", classes="box") as box:
             box.border_title = "Settings"
             yield Static("", id="settings-rows")
@@ -132,6 +134,11 @@ class SidePanel(VerticalScroll):
             self.query_one("#decode-spark", Sparkline).data = list(self.decode_steps)
         self._speed(stats.decode_tokens_per_s, stats.prefill_tokens_per_s, stats.ttft_s,
                     stats.new_tokens)
+        rows = streaming(stats.extra)
+        if rows and stats.new_tokens > 1:  # the prefill step's rate is not a streaming rate
+            stream = self.query_one("#stream-rows", Static)
+            stream.update(_rows(*rows))
+            stream.display = True
 
     def show_result(self, result: GenerationResult) -> None:
         t = result.timings

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,26 +157,42 @@ def error(message: str) -> None:
     print(f"glmchat: error: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def guarded(action: Callable[[], int]) -> int:
+    """Run a command, turning what can go wrong into the exit code and one line on stderr:
+    our errors (their own code), Ctrl+C (130), a closed pipe (`glmchat sessions | head`: 0)."""
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return _subcommand(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        config = config_from(args)
-        check_model_path(config)
-        prompt = " ".join(args.prompt)
-        if prompt or not sys.stdin.isatty() or args.each_line:
-            from glmchat.oneshot import run_oneshot
-
-            return run_oneshot(config, args, prompt)
-        return _interactive(config, args)
+        return action()
     except GlmchatError as exc:
         error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: say nothing more, and let the interpreter's final flush of
+        # stdout go nowhere instead of raising again.
+        with contextlib.suppress(OSError, ValueError):  # stdout may not be a file
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    config = config_from(args)
+    check_model_path(config)
+    prompt = " ".join(args.prompt)
+    if prompt or not sys.stdin.isatty() or args.each_line:
+        from glmchat.oneshot import run_oneshot
+
+        return run_oneshot(config, args, prompt)
+    return _interactive(config, args)
 
 
 def _interactive(config: Config, args: argparse.Namespace) -> int:

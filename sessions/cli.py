@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from glmchat.cli import add_model_flags, config_from, error
-from glmchat.errors import GlmchatError, UsageError
+from glmchat.cli import add_model_flags, config_from, guarded
+from glmchat.errors import UsageError
 
 from .domain import Session
 from .export import show_text
@@ -32,16 +32,7 @@ def _warn(session: Session) -> None:
 
 
 def _run(args: argparse.Namespace, action: Callable[[argparse.Namespace], int]) -> int:
-    try:
-        return action(args)
-    except GlmchatError as exc:
-        error(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `glmchat sessions | head`
-        return 0
+    return guarded(lambda: action(args))
 
 
 def _store(args: argparse.Namespace) -> SessionStore:

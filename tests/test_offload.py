@@ -141,6 +141,8 @@ def test_converting_dtype_while_streaming_tiny_random_llama(tmp_path: Path, read
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     model, runtime = load_streamed(directory, dtype=torch.float32, reader=reader)
     try:
+        # a bfloat16 table cannot be looked up as float32 in place: it streams, converted
+        assert isinstance(model.model.embed_tokens, offload.StreamedModule)
         assert greedy(model, [3, 1, 4, 1, 5]) == greedy(reference, [3, 1, 4, 1, 5])
     finally:
         runtime.close()
@@ -202,6 +204,26 @@ def test_file_damaged_mid_run_raises_clear_error_tiny_random_llama(
         assert str(weights) in str(raised.value)
         runtime.idle()
         assert not reader_threads()
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("reader", ["mmap", "direct"])
+def test_embedding_on_disk_is_mapped_not_streamed_tiny_random_llama(tiny_dir: Path,
+                                                                     reader: str) -> None:
+    """A lookup needs a few rows of the table: the disk-tier embedding is bound to the mapping
+    once (zero-copy) instead of streaming the whole table every token."""
+    model, runtime = load_streamed(tiny_dir, reader=reader)
+    try:
+        embed = model.model.embed_tokens
+        assert not isinstance(embed, offload.StreamedModule)
+        assert in_mapping(embed.weight, runtime)
+        assert "model.embed_tokens" not in runtime.streamer.position_of
+        assert runtime.stats.bytes_per_token == sum(u.nbytes for u in runtime.streamer.layers)
+        # the head still streams (it reads every row), tied to the same bytes or not
+        assert isinstance(model.lm_head, offload.StreamedModule)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+        assert greedy(model, [7, 300, 2]) == greedy(reference, [7, 300, 2])
     finally:
         runtime.close()
 

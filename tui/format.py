@@ -38,10 +38,13 @@ def streaming(extra: dict[str, object]) -> list[tuple[str, str]]:
     rate = extra.get("stream_gb_per_s", 0.0)
     reader = extra.get("reader", "")
     resident = extra.get("resident_layers", 0)
-    rows = [("streamed", f"{layers} layers · {resident} resident"),
+    total = layers + resident if isinstance(resident, int) else layers
+    rows = [("streamed", f"{layers}/{total} layers"),
             ("per token", human_bytes(per_token) if isinstance(per_token, int | float) else "?")]
     if isinstance(rate, int | float) and rate > 0:
-        rows.append(("stream", f"{rate:.2f} GB/s" + (f" · {reader}" if reader else "")))
+        rows.append(("stream rate", f"{rate:.2f} GB/s"))
+    if reader:
+        rows.append(("reader", str(reader)))
     return rows
 
 
@@ -51,9 +54,10 @@ def streaming_summary(extra: dict[str, object]) -> str:
     if not rows:
         return ""
     text = f"streamed {rows['per token']}/token"
-    if "stream" in rows:
-        rate, _, reader = rows["stream"].partition(" · ")
-        text += f" at {rate}" + (f" ({reader} reader)" if reader else "")
+    if "stream rate" in rows:
+        text += f" at {rows['stream rate']}"
+    if "reader" in rows:
+        text += f" ({rows['reader']} reader)"
     return text
 
 

@@ -3,11 +3,13 @@ limit that puts most layers on disk, a real worker, the real TUI and REPL."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 from glmchat.tui.app import GlmchatApp
 from glmchat.tui.format import streaming, streaming_summary
+from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import Static
 
@@ -35,6 +37,10 @@ def test_tui_layers_box_shows_streaming_stats_offloaded_default_model() -> None:
         assert stream.display
         assert "streamed" in shown and "layers" in shown and "GB/s" in shown
         assert "direct" in shown
+        # one line per row at the panel's width: nothing wraps
+        console = Console(file=io.StringIO(), width=stream.size.width, color_system=None)
+        console.print(stream.content)
+        assert len(console.file.getvalue().splitlines()) == 4  # type: ignore[attr-defined]
 
     run_app(offloaded("direct"), None, scenario)
 
@@ -52,5 +58,8 @@ def test_streaming_rows_are_empty_without_streaming() -> None:
     rows = dict(streaming({"streamed_layers": 3, "resident_layers": 1,
                            "bytes_streamed_per_token": 3 << 30, "stream_gb_per_s": 2.5,
                            "reader": "direct"}))
-    assert rows == {"streamed": "3 layers · 1 resident", "per token": "3.0 GiB",
-                    "stream": "2.50 GB/s · direct"}
+    assert rows == {"streamed": "3/4 layers", "per token": "3.0 GiB",
+                    "stream rate": "2.50 GB/s", "reader": "direct"}
+    assert streaming_summary({"streamed_layers": 3, "bytes_streamed_per_token": 3 << 30,
+                              "stream_gb_per_s": 2.5, "reader": "mmap"}) == (
+        "streamed 3.0 GiB/token at 2.50 GB/s (mmap reader)")

@@ -17,8 +17,9 @@ from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.infill import ansi, has_masks
-from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, Token
+from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, StepStats, Token
 from glmchat.sessions.recorder import open_recorder
+from glmchat.tui.format import streaming_summary
 
 
 def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[str]:
@@ -102,7 +103,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
             # --color on an infill prompt: the spans come with the result, so print it then.
             infill = has_masks(text)  # the result is the whole text, blanks filled
             highlight = args.color and infill and not args.json
+            step_extra: dict[str, object] = {}  # the offload runtime's streaming stats
             for event in client.stream(gen_id):
+                if isinstance(event, StepStats) and event.new_tokens > 1:
+                    step_extra = event.extra
                 if (isinstance(event, Token) and not event.provisional and not args.json
                         and not highlight):
                     out.write(event.text)
@@ -126,7 +130,9 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                             out.write("\n")
                     out.flush()
                     if verbose:
-                        print(f"glmchat: {stats_line(result)}", file=sys.stderr)
+                        streaming = streaming_summary(step_extra)
+                        print(f"glmchat: {stats_line(result)}"
+                              + (f" {streaming}" if streaming else ""), file=sys.stderr)
             gen_id = None
         if verbose and recorder is not None and recorder.path is not None:
             print(f"glmchat: saved to {recorder.path}", file=sys.stderr)

@@ -137,12 +137,14 @@ def test_default_model_cpu_memory_limit_same_greedy_output_via_cli(isolated_xdg:
             "--no-save"]
     outputs = {}
     for name, extra in {"unlimited": [], "glmchat": ["--cpu-memory", "0.1"],
-                        "direct": ["--cpu-memory", "0.1", "--offload-reader", "direct"],
+                        "direct": ["--cpu-memory", "0.1", "--offload-reader", "direct", "-v"],
                         "accelerate": ["--cpu-memory", "0.1", "--offload-runtime",
                                        "accelerate"]}.items():
         done = run_cli(*args, *extra)
         assert done.returncode == 0, done.stderr
         outputs[name] = json.loads(done.stdout.splitlines()[-1])["token_ids"]
+        if name == "direct":  # -v: the stats line says what streamed
+            assert "/token at" in done.stderr and "(direct reader)" in done.stderr
     assert outputs["glmchat"] == outputs["unlimited"] == outputs["accelerate"]
     assert outputs["direct"] == outputs["unlimited"]
 

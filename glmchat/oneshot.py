@@ -139,8 +139,17 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
         return 0
     except KeyboardInterrupt:
         if gen_id is not None and client.alive:
-            with contextlib.suppress(GlmchatError):
+            with contextlib.suppress(GlmchatError, KeyboardInterrupt):
                 client.cancel(gen_id)
+                if recorder is not None:
+                    # Keep what was generated: the worker stops at the next step and sends
+                    # the partial reply (a second Ctrl+C gives up on it).
+                    for event in client.stream(gen_id):
+                        if isinstance(event, Finished) and event.id == gen_id:
+                            recorder.assistant(event.result, parent=asked.id,
+                                               messages=request.messages,
+                                               prompt=request.prompt, raw=args.raw)
+                            break
         out.write("\n")
         out.flush()
         print("glmchat: interrupted", file=sys.stderr)

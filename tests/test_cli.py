@@ -151,10 +151,10 @@ def test_unwritable_offload_dir_is_refused(tmp_path: Path) -> None:
     _no_traceback(proc)
 
 
-def _start_long_reply() -> tuple[subprocess.Popen[str], str]:
+def _start_long_reply(*flags: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "glmchat", "--max-new-tokens", "300", "--min-new-tokens", "300",
-         "Write a long story about a lighthouse keeper."],
+         *flags, "Write a long story about a lighthouse keeper."],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     first = proc.stdout.read(8)  # blocks until the reply is streaming
@@ -189,6 +189,27 @@ def test_interrupt_exits_130_and_keeps_partial_output() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_interrupt_with_session_saves_the_partial_reply(tmp_path: Path) -> None:
+    session = tmp_path / "story.jsonl"
+    proc, _first = _start_long_reply("--session", str(session))
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in session.read_text().splitlines()]
+    replies = [r for r in records if r.get("type") == "assistant"]
+    assert len(replies) == 1
+    assert replies[0]["finish_reason"] == "cancelled"
+    assert 0 < len(replies[0]["token_ids"]) < 300
+    # and the stopped reply replays exactly: same tokens up to where it stopped
+    check = run_cli("replay", str(session), "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_hf_directory_and_gguf_file_sources_give_the_default_models_output(

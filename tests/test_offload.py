@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 from accelerate import init_empty_weights
+from glmchat.model import backends, offload
 from glmchat.model import generate as gen
-from glmchat.model import offload
 from glmchat.model.mapped import OffloadError
 from glmchat.model.prompt_cache import ConversationCache, common_prefix
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -158,13 +158,13 @@ def test_prefetcher_never_exceeds_slot_budget_tiny_random_llama(tiny_dir: Path,
     lock = threading.Lock()
     stage, after, discard = backend.stage, backend.after_compute, backend.discard
 
-    def counting_stage(layer: offload.LayerWeights, slot: int) -> offload.Staged:
+    def counting_stage(layer: backends.LayerWeights, slot: int) -> backends.Staged:
         with lock:
             held["now"] += 1
             held["max"] = max(held["max"], held["now"])
         return stage(layer, slot)
 
-    def counting_release(staged: offload.Staged, inner: Any) -> None:
+    def counting_release(staged: backends.Staged, inner: Any) -> None:
         with lock:
             held["now"] -= 1
         inner(staged)
@@ -233,7 +233,7 @@ def test_direct_reader_computes_from_slot_buffers_tiny_random_llama(tiny_dir: Pa
     computed from there, never from the mapping; outside their turn they are on meta."""
     model, runtime = load_streamed(tiny_dir, reader="direct")
     backend = runtime.streamer.backend
-    assert isinstance(backend, offload.DirectBackend)
+    assert isinstance(backend, backends.DirectBackend)
     slots = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in backend.buffers]
     seen: dict[int, tuple[bool, bool]] = {}
 
@@ -411,7 +411,7 @@ def test_cuda_slots_stream_and_match_tiny_random_llama(tiny_dir: Path,
                                      prefetch=1)
     try:
         backend = runtime.streamer.backend
-        assert isinstance(backend, offload.CudaBackend) and len(backend.buffers) == 2
+        assert isinstance(backend, backends.CudaBackend) and len(backend.buffers) == 2
         streamed_names = [w.name for w in runtime.streamer.layers]
         assert all(n.startswith("model.layers.") for n in streamed_names)
         pinned = [w for w in runtime.streamer.layers if w.tier == "cpu"]

@@ -29,7 +29,7 @@ import torch
 from .mapped import MappedFile, OffloadError, TensorLocation, read_buffer
 
 GPU_ALIGN = 256
-DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to this
+DIRECT_ALIGN = max(4096, mmap.PAGESIZE)  # O_DIRECT: offsets, lengths, buffers aligned to this
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 PAGE = mmap.PAGESIZE
 

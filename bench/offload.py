@@ -267,7 +267,8 @@ class DiskProbe:
         self.total = sum(end - start for _m, start, end in self.ranges)
         widest = max((end - start for ranges in self.modules for _m, start, end in ranges),
                      default=0)
-        self._direct = read_buffer(max(widest + 2 * 4096, READ_CHUNK))  # as our reader's slots
+        # as our reader's slots; room for alignment padding at both ends of a range
+        self._direct = read_buffer(max(widest + 2 * (64 << 10), READ_CHUNK))
         self._fds: dict[Path, int] = {}
 
     def _cold(self) -> None:
@@ -304,23 +305,21 @@ class DiskProbe:
         return self._timed(read)
 
     def direct(self) -> float:
+        from glmchat.model.backends import DIRECT_ALIGN, O_DIRECT
+        from glmchat.model.mapped import read_range
+
         view = memoryview(self._direct)
 
         def read() -> None:
             for ranges in self.modules:
                 for mapped, start, end in ranges:
-                    start -= start % 4096
-                    end += -end % 4096
+                    start -= start % DIRECT_ALIGN
+                    end += -end % DIRECT_ALIGN
                     fd = self._fds.get(mapped.path)
                     if fd is None:
-                        fd = self._fds[mapped.path] = os.open(
-                            mapped.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                    offset = start
-                    while offset < end:
-                        n = os.preadv(fd, [view[offset - start:end - start]], offset)
-                        if n <= 0:
-                            break
-                        offset += n
+                        fd = self._fds[mapped.path] = os.open(mapped.path,
+                                                              os.O_RDONLY | O_DIRECT)
+                    read_range(fd, view, start, end)
         return self._timed(read)
 
     def measure(self) -> dict[str, float]:

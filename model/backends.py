@@ -17,6 +17,7 @@ device and reader; the streamer (``streamer.py``) decides when, these decide how
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .mapped import MappedFile, OffloadError, TensorLocation, read_buffer
+from .mapped import MappedFile, OffloadError, TensorLocation, read_buffer, read_range
 
 GPU_ALIGN = 256
 DIRECT_ALIGN = max(4096, mmap.PAGESIZE)  # O_DIRECT: offsets, lengths, buffers aligned to this
@@ -139,16 +140,20 @@ class DirectBackend:
     def __init__(self, layers: Sequence[LayerWeights], slots: int, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.plans: dict[str, list[tuple[MappedFile, int, int, int]]] = {}
+        self.tensor_offsets: dict[str, list[int]] = {}  # where each tensor lands in a slot
         slot_bytes = PAGE
         for layer in layers:
             plan, size = _read_plan(layer)
             self.plans[layer.name] = plan
+            self.tensor_offsets[layer.name] = [
+                next(at + location.start - start for mapped, start, end, at in plan
+                     if mapped is location.file and start <= location.start < end)
+                for location in layer.locations]
             slot_bytes = max(slot_bytes, size)
         self.slot_bytes = slot_bytes
         self._maps = [read_buffer(slot_bytes) for _ in range(slots)]
         self.buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
-        self._direct_fds: dict[Path, int] = {}
-        self.buffered_fallback = False
+        self._direct_fds: dict[Path, int] = {}  # -1: the filesystem refuses O_DIRECT
 
     def _fd(self, mapped: MappedFile) -> int:
         fd = self._direct_fds.get(mapped.path)
@@ -157,7 +162,6 @@ class DirectBackend:
                 fd = os.open(mapped.path, os.O_RDONLY | O_DIRECT)
             except OSError:  # EINVAL: no O_DIRECT on this filesystem
                 fd = -1
-                self.buffered_fallback = True
             self._direct_fds[mapped.path] = fd
         return fd if fd >= 0 else mapped.fd
 
@@ -173,35 +177,32 @@ class DirectBackend:
             self._read(mapped, view[at:at + end - start], start, end)
         buffer = self.buffers[slot]
         tensors = {}
-        for name, location in zip(layer.names, layer.locations, strict=True):
-            at = next(at + location.start - start for mapped, start, end, at in plan
-                      if mapped is location.file and start <= location.start < end)
+        for name, location, at in zip(layer.names, layer.locations,
+                                      self.tensor_offsets[layer.name], strict=True):
             flat = buffer[at:at + location.nbytes].view(location.dtype).view(location.shape)
             # Same dtype as stored: computed from the slot. Otherwise converted here.
             tensors[name] = flat if flat.dtype == self.dtype else flat.to(self.dtype)
         return Staged(layer, slot, tensors)
 
     def _read(self, mapped: MappedFile, target: memoryview, start: int, end: int) -> None:
-        offset = start
-        while offset < end:
-            fd = self._fd(mapped)
+        fd = self._fd(mapped)
+        try:
             try:
-                n = os.preadv(fd, [target[offset - start:]], offset)
+                reached = read_range(fd, target, start, end)
             except OSError as exc:
-                if exc.errno == errno.EINVAL and fd != mapped.fd:
-                    # The filesystem took O_DIRECT at open but not for this read.
-                    os.close(fd)
-                    self._direct_fds[mapped.path] = -1
-                    self.buffered_fallback = True
-                    continue
-                raise OffloadError(f"{mapped.path}: reading bytes {offset}-{end} failed "
-                                   f"({exc.strerror}); check the disk and reload") from None
-            if n <= 0:
-                if offset >= mapped.needed:
-                    return  # the aligned tail ran past the end of the file: nothing needed
-                raise OffloadError(f"{mapped.path} ends at byte {offset}, before the layer's "
-                                   "weights do: the file was truncated; restore it and reload")
-            offset += n
+                if exc.errno != errno.EINVAL or fd == mapped.fd:
+                    raise
+                # The filesystem took O_DIRECT at open but not for reads: read through the
+                # page cache from now on.
+                os.close(fd)
+                self._direct_fds[mapped.path] = -1
+                reached = read_range(mapped.fd, target, start, end)
+        except OSError as exc:
+            raise OffloadError(f"{mapped.path}: reading bytes {start}-{end} failed "
+                               f"({exc.strerror}); check the disk and reload") from None
+        if reached < min(end, mapped.needed):  # the aligned tail may run past the end
+            raise OffloadError(f"{mapped.path} ends at byte {reached}, before the layer's "
+                               "weights do: the file was truncated; restore it and reload")
 
     def before_compute(self, staged: Staged) -> None:
         pass
@@ -276,19 +277,19 @@ class CudaBackend:
             staging = self.staging[slot]
             self.copied[slot].synchronize()  # the last copy out of this staging buffer is done
             for location, offset in zip(layer.locations, offsets, strict=True):
-                count = _numel(location.shape)
-                target = staging[offset:offset + count * _itemsize(self.dtype)]
+                count = math.prod(location.shape)
+                target = staging[offset:offset + count * self.dtype.itemsize]
                 target.view(self.dtype).copy_(location.file.view(location).reshape(-1))
             source = staging
-        size = offsets[-1] + _numel(layer.locations[-1].shape) * _itemsize(self.dtype)
+        size = offsets[-1] + math.prod(layer.locations[-1].shape) * self.dtype.itemsize
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.computed[slot])  # the slot's last layer is done
             self.buffers[slot][:size].copy_(source[:size], non_blocking=True)
             self.copied[slot].record(self.copy_stream)
         tensors = {}
         for name, location, offset in zip(layer.names, layer.locations, offsets, strict=True):
-            count = _numel(location.shape)
-            flat = self.buffers[slot][offset:offset + count * _itemsize(self.dtype)]
+            count = math.prod(location.shape)
+            flat = self.buffers[slot][offset:offset + count * self.dtype.itemsize]
             tensors[name] = flat.view(self.dtype).view(location.shape)
         return Staged(layer, slot, tensors, ready=self.copied[slot])
 
@@ -305,28 +306,15 @@ class CudaBackend:
         pass
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _packed_offsets(layer: LayerWeights, dtype: torch.dtype) -> tuple[list[int], int]:
     """Byte offsets of each tensor in a flat slot buffer (aligned), and the slot size."""
     offsets = []
     cursor = 0
     for location in layer.locations:
         offsets.append(cursor)
-        cursor += _numel(location.shape) * _itemsize(dtype)
+        cursor += math.prod(location.shape) * dtype.itemsize
         cursor += -cursor % GPU_ALIGN
     return offsets, cursor
-
-
 
 
 def pin_layer(layer: LayerWeights, dtype: torch.dtype) -> torch.Tensor:
@@ -334,7 +322,7 @@ def pin_layer(layer: LayerWeights, dtype: torch.dtype) -> torch.Tensor:
     offsets, size = _packed_offsets(layer, dtype)
     pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     for location, offset in zip(layer.locations, offsets, strict=True):
-        count = _numel(location.shape)
-        target = pinned[offset:offset + count * _itemsize(dtype)].view(dtype)
+        count = math.prod(location.shape)
+        target = pinned[offset:offset + count * dtype.itemsize].view(dtype)
         target.copy_(location.file.view(location).reshape(-1))
     return pinned

@@ -215,6 +215,18 @@ def read_buffer(nbytes: int) -> mmap.mmap:
     return buffer
 
 
+def read_range(fd: int, target: memoryview, start: int, end: int) -> int:
+    """Read bytes [start, end) of ``fd`` into ``target`` with as few ``pread``s as the kernel
+    allows (one, usually); return the offset reached, short of ``end`` at end of file."""
+    offset = start
+    while offset < end:
+        n = os.preadv(fd, [target[offset - start:end - start]], offset)
+        if n <= 0:
+            break
+        offset += n
+    return offset
+
+
 def merged_ranges(locations: list[TensorLocation]) -> list[tuple[MappedFile, int, int]]:
     """Byte ranges covering ``locations``, merged where they touch (a layer is usually one or
     two contiguous runs of its file)."""
@@ -237,7 +249,6 @@ def evict_files(paths: list[Path]) -> None:
             os.close(fd)
 
 
-
 def cached_fraction(paths: list[Path]) -> float:
     """The fraction of the files' pages in the page cache now (mincore on a fresh mapping):
     the bench checks with it that its eviction took."""
@@ -246,7 +257,6 @@ def cached_fraction(paths: list[Path]) -> float:
                       ctypes.c_int, ctypes.c_long]
     mmap_.restype = ctypes.c_void_p
     _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     cached = total = 0
     for path in paths:
         size = path.stat().st_size

@@ -239,11 +239,11 @@ class GlmchatApp(App[int]):
             elif isinstance(event, Ready):
                 self.panel.show_status(f"worker {event.pid} up; loading {self.config.model.path}…")
             elif isinstance(event, Failed):
-                self.phase = "failed"
                 self.panel.show_status("the model did not load")
                 await self.transcript.add_notice(f"The model did not load: {event.error}",
                                                  "error")
                 await self._end_reply_without_result(f"not sent: {event.error}")
+                self.phase = "failed"  # last: whoever watches the phase sees the notice drawn
 
     def _loaded(self, loaded: Loaded) -> None:
         self.phase = "ready"
@@ -273,29 +273,35 @@ class GlmchatApp(App[int]):
             await self._failed(flight, event.error)
 
     async def _finished(self, flight: InFlight, event: Finished) -> None:
+        # Everything synchronous first; the reply counts as in flight until it is drawn, so
+        # nothing (a new prompt, a test, the app closing) sees it over while it still draws.
         result = event.result
-        self.in_flight = None
         self.conversation.add_assistant(result)
+        self.panel.show_result(result)
         stats = stats_line(result)
         if len(result.beams) > 1:
             stats += f" · {len(result.beams)} beams: Ctrl+B to view"
         if result.spans:
             stats += f" · {len(result.spans)} infilled spans highlighted"
-        await flight.reply.finish(result.text, stats,
-                                  spans=[(span.start, span.end) for span in result.spans])
-        self.panel.show_result(result)
-        self.refresh_bindings()
+        try:
+            await flight.reply.finish(result.text, stats,
+                                      spans=[(span.start, span.end) for span in result.spans])
+        finally:
+            self.in_flight = None
+            self.refresh_bindings()
 
     async def _failed(self, flight: InFlight, error: str) -> None:
-        self.in_flight = None
-        if flight.text:
-            self.conversation.add_assistant(None, flight.text)
-            await flight.reply.finish(flight.text, f"failed: {error}", error=True)
-        else:
-            await flight.reply.remove()
-            await self.transcript.add_notice(f"The reply failed: {error}. Ctrl+R tries again.",
-                                             "error")
-        self.refresh_bindings()
+        try:
+            if flight.text:
+                self.conversation.add_assistant(None, flight.text)
+                await flight.reply.finish(flight.text, f"failed: {error}", error=True)
+            else:
+                await flight.reply.remove()
+                await self.transcript.add_notice(
+                    f"The reply failed: {error}. Ctrl+R tries again.", "error")
+        finally:
+            self.in_flight = None
+            self.refresh_bindings()
 
     async def _end_reply_without_result(self, status: str) -> None:
         if self.in_flight is not None:
@@ -303,13 +309,13 @@ class GlmchatApp(App[int]):
 
     @on(EngineLink.WorkerDied)
     async def _worker_died(self, message: EngineLink.WorkerDied) -> None:
-        self.phase = "crashed"
         self.panel.show_status(f"worker stopped: {message.cause}")
         await self.transcript.add_notice(
             f"The worker stopped: {message.cause}. The conversation is kept; your next prompt "
             "restarts the worker (or /restart now).", "error")
         if self.in_flight is not None:
             await self._failed(self.in_flight, "the worker stopped")
+        self.phase = "crashed"  # last, as for a failed load
 
     def restart_worker(self) -> None:
         self.phase = "starting"

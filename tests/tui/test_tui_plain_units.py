@@ -6,7 +6,7 @@ from pathlib import Path
 
 from glmchat.tui.format import eta, human_bytes
 from glmchat.tui.history import PromptHistory, load_history
-from glmchat.tui.plain import clean_input, input_complete
+from glmchat.tui.plain_input import clean_input, input_complete
 from prompt_toolkit.history import FileHistory
 
 

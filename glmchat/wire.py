@@ -123,7 +123,7 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
             raise WireError(f"{where}: expected a list, got {_brief(value)}")
         return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        key_hint, item = typing.get_args(hint) or (Any, Any)
+        _key, item = typing.get_args(hint) or (Any, Any)
         if not isinstance(value, dict):
             raise WireError(f"{where}: expected an object, got {_brief(value)}")
         return {str(k): _decode(v, item, f"{where}.{k}") for k, v in value.items()}

@@ -99,8 +99,11 @@ def backend_problems(values: dict[str, Any]) -> list[str]:
     check("protocol", values.get("protocol") in PROTOCOLS, "use one of " + ", ".join(PROTOCOLS))
     check("model", isinstance(values.get("model"), str), "use the server's model id")
     key = values.get("api_key")
-    check("api_key", isinstance(key, str) and (key == "" or key.startswith(("env:", "file:"))),
-          'use "env:VARIABLE" or "file:PATH" (never the key itself)')
+    if "api_key" in values and not (isinstance(key, str)
+                                    and (key == "" or key.startswith(("env:", "file:")))):
+        # The value is not repeated: it may be the key itself.
+        out.append('api_key is invalid: use "env:VARIABLE" or "file:PATH" (never the key '
+                   'itself)')
     timeout = values.get("timeout")
     check("timeout", isinstance(timeout, int | float) and not isinstance(timeout, bool)
           and timeout > 0, "use a number of seconds > 0")
@@ -199,6 +202,19 @@ def running_server(model_path: str) -> dict[str, Any] | None:
 # ---- the factory -------------------------------------------------------------------------------
 
 
+def is_local(backend: Backend) -> bool:
+    """Whether ``backend`` is the local worker (it loads what it is asked to load)."""
+    from glmchat.client import EngineClient
+
+    return isinstance(backend, EngineClient)
+
+
+def exact_replay(backend: Backend) -> bool:
+    """Whether ``backend`` can promise the recorded tokens again (same weights, same seed):
+    the local worker and glmchat serve can; another server batches, and says no token ids."""
+    return bool(getattr(backend, "deterministic", True))
+
+
 def describe(backend: Backend) -> str:
     """Which backend answers, for -v: "local worker (pid 123)", "glmchat serve at …"."""
     text = getattr(backend, "description", None)
@@ -221,8 +237,11 @@ def make_backend(config: Any, *, discover: bool = False,
         state = running_server(config.model.path)
         if state is None:
             return EngineClient(stderr_path)
-        return _glmchat_remote(state.get("url") or f"unix:{state['socket']}", settings,
-                               found=True)
+        try:
+            return _glmchat_remote(state.get("url") or f"unix:{state['socket']}", settings,
+                                   found=True)
+        except UsageError:
+            return EngineClient(stderr_path)
     protocol = settings.protocol
     if protocol == "auto":
         protocol = probe_protocol(url, settings)

@@ -79,6 +79,8 @@ class OpenAICompatRemote(QueueBackend):
     """See the module docstring. ``model``: the server's model id ("" = the only one it
     serves); ``stream``: False asks for whole replies (one Token, then Finished)."""
 
+    deterministic = False  # batching and kernels differ; it may not report token ids
+
     def __init__(self, url: str, *, api_key: str | None = None, model: str = "",
                  timeout: float = 600.0, ca_file: str | None = None, verify: bool = True,
                  stream: bool = True) -> None:

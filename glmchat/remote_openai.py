@@ -44,6 +44,7 @@ KV_METRICS = (  # Prometheus names of the KV-cache fill (0..1) by server
     ("sglang:token_usage", "SGLang"),
 )
 NOT_REPORTED = "memory: not reported by this server"
+EXTRA_FIELDS = ("top_k", "min_tokens")  # vLLM's names for what OpenAI lacks; some refuse them
 
 
 def kv_cache_note(metrics: str) -> str | None:
@@ -93,6 +94,7 @@ class OpenAICompatRemote(QueueBackend):
         self._said: set[str] = set()  # notes already given: each is said once
         self._memory_note: str | None = None  # None: not asked yet
         self._served = ""  # the model id the server answers with
+        self._refused: set[str] = set()  # fields beyond the OpenAI API this server rejected
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -154,11 +156,12 @@ class OpenAICompatRemote(QueueBackend):
             return
         from glmchat.infill import has_masks
 
-        chat = bool(request.messages) and not request.raw
+        chat = not request.raw  # as the local worker: a chat template unless --raw
         payload: dict[str, Any] = {"model": self._served or self.model,
                                    "max_tokens": params.max_new_tokens, "stream": self.streaming}
         if chat:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = [{"role": m.role, "content": m.content} for m in request.messages] or [
+                {"role": "user", "content": request.prompt}]
             if params.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": params.system_prompt})
             payload["messages"] = messages
@@ -170,13 +173,13 @@ class OpenAICompatRemote(QueueBackend):
         if params.strategy == "sample":
             seed = params.seed if params.seed >= 0 else secrets.randbits(31)
             payload.update(temperature=params.temperature, top_p=params.top_p, seed=seed)
-            if params.top_k:
+            if params.top_k and "top_k" not in self._refused:
                 payload["top_k"] = params.top_k
         else:
             payload.update(temperature=0.0, top_p=1.0)
         if params.stop:
             payload["stop"] = list(params.stop)
-        if params.min_new_tokens:
+        if params.min_new_tokens and "min_tokens" not in self._refused:
             payload["min_tokens"] = params.min_new_tokens  # vLLM's and SGLang's name
         if self.streaming:
             payload["stream_options"] = {"include_usage": True}
@@ -206,7 +209,17 @@ class OpenAICompatRemote(QueueBackend):
         try:
             conn, response = self.target.open("POST", run.payload_path, payload)
         except HttpError as exc:
-            self.put(Failed(request.id, str(exc), usage=exc.usage))
+            refused = [k for k in EXTRA_FIELDS if k in payload and exc.usage and k in str(exc)]
+            if not refused:
+                self.put(Failed(request.id, str(exc), usage=exc.usage))
+                return
+            # Nothing streamed yet: the same request again, without what it does not take.
+            self._refused.update(refused)
+            for key in refused:
+                del payload[key]
+                run.notes.append(self.once(f"{key}: this server does not take it (beyond the "
+                                           "OpenAI API); replies are made without it"))
+            self.stream_reply(request, run, payload, chat)
             return
         run.attach(conn)
         try:

@@ -32,6 +32,9 @@ MODEL_FLAGS = {
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
 }
+# flag dest → [backend] key
+BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key",
+                 "ca_file": "ca_file"}
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
     "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
@@ -72,6 +75,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
+
+
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("backend (who generates)")
+    s = argparse.SUPPRESS
+    g.add_argument("--backend", default=s, metavar="URL",
+                   help="a glmchat serve or OpenAI-compatible server (vLLM, SGLang, llama.cpp, "
+                        "Ollama, …), e.g. http://host:8000/v1; 'local' = the local worker")
+    g.add_argument("--backend-model", default=s, metavar="NAME",
+                   help="the server's model id (default: the one it serves)")
+    g.add_argument("--api-key", default=s, metavar="env:VAR|file:PATH",
+                   help="where the server's API key is (default: $GLMCHAT_API_KEY)")
+    g.add_argument("--ca-file", default=s, metavar="FILE",
+                   help="PEM bundle to verify the server's TLS certificate with")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", metavar="ID|FILE", help="continue a saved conversation")
     out.add_argument("--no-save", action="store_true", help="do not save this conversation")
     add_model_flags(parser)
+    add_backend_flags(parser)
     add_generation_flags(parser)
     return parser
 
@@ -140,6 +158,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["model"] = model
     if generation:
         out["generation"] = generation
+    backend = {key: given[dest] for dest, key in BACKEND_FLAGS.items() if dest in given}
+    if backend:
+        out["backend"] = backend
     return out
 
 
@@ -150,6 +171,8 @@ def config_from(args: argparse.Namespace) -> Config:
 def check_model_path(config: Config) -> None:
     """Cheap checks in the front end, so a typo fails before the worker starts."""
     path = config.model.path
+    if config.backend.url not in ("", "local"):
+        return  # the server has the model
     if path != "default" and not Path(path).expanduser().exists():
         raise UsageError(f"model path {path} does not exist; pass a model directory, a .gguf "
                          "file, or 'default'")

@@ -48,6 +48,7 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    backend: str = ""  # the server that generates (URL without credentials); "" = local
 
 
 @dataclass

@@ -126,8 +126,8 @@ class SessionRecorder:
             self.session = self.store.new_session(model, summary, path=path)
             return
         current = session.latest_model()
-        if (current.source, current.digest, current.dtype) != (model.source, model.digest,
-                                                                 model.dtype):
+        if (current.source, current.digest, current.dtype, current.backend) != (
+                model.source, model.digest, model.dtype, model.backend):
             self._write(ModelChanged(new_event_id("m"), utc_now(), model, summary))
 
     def new(self) -> None:
@@ -332,7 +332,12 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
         recorder.resume(resume)
     elif session_file is not None and session_file.is_file() and session_file.stat().st_size:
         recorder.resume(session_file)
-    if recorder.session is not None and "model" not in vars(args):
+    if recorder.session is not None and recorder.session.latest_model().backend and \
+            config.backend.url == "" and "backend" not in vars(args):
+        # A conversation with a server continues with that server and its model.
+        recorded = recorder.session.latest_model()
+        config.backend.url, config.backend.model = recorded.backend, recorded.source
+    elif recorder.session is not None and "model" not in vars(args):
         source = recorder.session.latest_model().source
         if source == "default" or Path(source).expanduser().exists():
             config.model.path = source

@@ -15,6 +15,7 @@ into one event queue; ``recv`` takes from that queue, as EngineClient's reads th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import itertools
 import json
@@ -231,6 +232,8 @@ class GlmchatRemote:
         except (KeyError, TypeError, wire.WireError) as exc:
             raise GlmchatError(f"glmchat serve at {self.shown_url} sent a bad model "
                                f"description ({exc})") from None
+        if hasattr(loaded.info, "backend"):  # the seam's field: who generates
+            loaded.info = dataclasses.replace(loaded.info, backend=self.shown_url)
         self.loaded = loaded
         yield loaded
 

@@ -126,6 +126,22 @@ def test_stop_cancels_within_a_token_and_not_the_next_request(remote: GlmchatRem
     assert results[second].result.text
 
 
+def test_each_conversation_keeps_its_kv_cache(remote: GlmchatRemote) -> None:
+    """Two conversations taking turns on one server: each turn 2 prefills only its new part."""
+    params = GenerationParams(strategy="greedy", max_new_tokens=6)
+    first: dict[str, Finished] = {}
+    for who in ("Alice", "Bob"):
+        first[who], _ = finished(remote, params, messages=[
+            ChatMessage("user", f"My name is {who}. Greet me in one sentence.")])
+    for who in ("Alice", "Bob"):
+        turn1 = first[who].result
+        messages = [ChatMessage("user", f"My name is {who}. Greet me in one sentence."),
+                    ChatMessage("assistant", turn1.text), ChatMessage("user", "And again?")]
+        turn2, _ = finished(remote, params, messages=messages)
+        new_part = len(turn2.result.prompt_token_ids) - len(turn1.prompt_token_ids)
+        assert turn2.result.timings.prefill_tokens <= new_part, who
+
+
 def test_a_client_that_hangs_up_cancels_its_generation(server: RunningServer) -> None:
     def cancelled() -> int:
         _, body = request(server.url, "GET", "/metrics")

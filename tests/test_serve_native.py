@@ -194,3 +194,22 @@ def test_unsafe_or_contradictory_flags_are_refused(flags: list[str], says: str) 
     assert done.returncode == 2
     assert done.stderr.startswith("glmchat: error: ") and says in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_last_a_dead_worker_makes_the_server_say_503(server: RunningServer) -> None:
+    """Runs last in this module: it kills the module's server's worker."""
+    import psutil
+
+    (worker,) = [child for child in psutil.Process(server.pid).children()
+                 if "spawn_main" in " ".join(child.cmdline())]
+    worker.kill()
+    worker.wait(10)
+    deadline = time.monotonic() + 10
+    while (status := request(server.url, "GET", "/health")[0]) == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status == 503
+    status, body = request(server.url, "POST", "/v1/completions",
+                           json.dumps({"prompt": "hi"}).encode())
+    assert status == 503 and "stopped" in json.loads(body)["error"]["message"]
+    assert b"glmchat_up 0" in request(server.url, "GET", "/metrics")[1]

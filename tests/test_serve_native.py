@@ -18,7 +18,16 @@ from glmchat.bench.serve_load import RunningServer, connect, request, started_se
 from glmchat.client import EngineClient
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Finished, Loaded, Memory, ModelSpec, StepStats, Token
+from glmchat.protocol import (
+    ChatMessage,
+    Finished,
+    Load,
+    Loaded,
+    Memory,
+    ModelSpec,
+    StepStats,
+    Token,
+)
 from glmchat.remote_native import GlmchatRemote
 from tests.conftest import run_cli
 
@@ -79,6 +88,10 @@ def test_remote_events_match_the_local_worker(remote: GlmchatRemote,
     assert [e.text for e in events if isinstance(e, Token)] == [
         e.text for e in local_events if isinstance(e, Token)]
     assert any(isinstance(e, StepStats) for e in events)
+    remote.send(Load(ModelSpec()))  # the TUI's way: the answer comes on recv
+    while not isinstance(event := remote.recv(timeout=10), Loaded):
+        assert event is not None
+    assert event.info.backend == remote.shown_url
     remote.request_stats()
     deadline = time.monotonic() + 10
     while not isinstance(event := remote.recv(timeout=1), Memory):

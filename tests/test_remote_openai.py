@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -48,8 +48,8 @@ def chunk(text: str = "", finish: str | None = None) -> bytes:
 class Canned(BaseHTTPRequestHandler):
     """Answers from the class-level ``routes``: path → (status, content type, body chunks)."""
 
-    routes: dict[str, tuple[int, str, list[bytes]]] = {}
-    seen: list[tuple[str, str, dict[str, Any]]] = []
+    routes: ClassVar[dict[str, tuple[int, str, list[bytes]]]] = {}
+    seen: ClassVar[list[tuple[str, str, dict[str, Any]]]] = []
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -179,14 +179,14 @@ def test_refusals_are_one_line_each(canned: tuple[str, type[Canned]]) -> None:
     with pytest.raises(GlmchatError, match=r"refused the request \(401: Invalid API key\)"):
         list(remote.stream(remote.generate(GenerationParams(), prompt="Hi")))
     beam = GenerationParams(strategy="beam", num_beams=2)
-    with pytest.raises(UsageError, match="beam search: .* which has none"):
+    with pytest.raises(UsageError, match=r"beam search: .* which has none"):
         list(remote.stream(remote.generate(beam, prompt="Hi")))
     handler.routes["/v1/models"] = (200, "application/json",
                                     [b'{"data": [{"id": "a"}, {"id": "b"}]}'])
     with pytest.raises(UsageError, match=r"has 2 models \(a, b\); name the one"):
         loaded(OpenAICompatRemote(url))
     gone = OpenAICompatRemote("http://127.0.0.1:9")
-    with pytest.raises(GlmchatError, match="cannot reach http://127.0.0.1:9"):
+    with pytest.raises(GlmchatError, match=r"cannot reach http://127\.0\.0\.1:9"):
         loaded(gone)
 
 

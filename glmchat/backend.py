@@ -95,7 +95,7 @@ def backend_problems(values: dict[str, Any]) -> list[str]:
 
     url = values.get("url")
     check("url", isinstance(url, str) and (url in ("", "local") or _is_http(url)),
-          'use "" (auto), "local", or an http:// or https:// URL')
+          'use "" (auto), "local", an http:// or https:// URL, or unix:/PATH')
     check("protocol", values.get("protocol") in PROTOCOLS, "use one of " + ", ".join(PROTOCOLS))
     check("model", isinstance(values.get("model"), str), "use the server's model id")
     key = values.get("api_key")
@@ -114,7 +114,8 @@ def backend_problems(values: dict[str, Any]) -> list[str]:
 
 def _is_http(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    return (parts.scheme in ("http", "https") and bool(parts.netloc)) or (
+        url.startswith("unix:/"))  # glmchat serve's socket
 
 
 def public_url(url: str) -> str:
@@ -243,6 +244,8 @@ def make_backend(config: Any, *, discover: bool = False,
         except UsageError:
             return EngineClient(stderr_path)
     protocol = settings.protocol
+    if url.startswith("unix:"):  # a Unix socket: only glmchat serve listens on those
+        return _glmchat_remote(url, settings)
     if protocol == "auto":
         protocol = probe_protocol(url, settings)
     if protocol == "glmchat":

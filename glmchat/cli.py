@@ -6,6 +6,7 @@
     glmchat replay FILE          regenerate a saved session (--check compares token ids)
     glmchat sessions …           list, show, export, remove saved sessions
     glmchat bench …              benchmarks
+    glmchat serve                load the model once, serve it over HTTP (glmchat/serve.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, lo
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
 
-SUBCOMMANDS = ("replay", "sessions", "bench")
+SUBCOMMANDS = ("replay", "sessions", "bench", "serve")
 
 # flag dest → (config section, key)
 MODEL_FLAGS = {
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
-               "[list|show|export|rm] · glmchat bench [engine|offload|make-model]. "
+               "[list|show|export|rm] · glmchat bench [engine|offload|make-model] · "
+               "glmchat serve [--port N]. "
                "A prompt that is a subcommand's name goes after --.",
     )
     parser.add_argument("prompt", nargs="*", help="one-shot prompt (else read stdin if piped)")
@@ -233,6 +235,10 @@ def _subcommand(name: str, argv: list[str]) -> int:
         from glmchat.bench.cli import main as bench_main
 
         return bench_main(argv)
+    if name == "serve":
+        from glmchat.serve import serve_main
+
+        return serve_main(argv)
     if name == "replay":
         from glmchat.sessions.cli import replay_main
 

@@ -90,7 +90,7 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 model_name = event.info.name
                 if recorder is not None:
                     recorder.start(event.info, event.placement)
-                if verbose and event.placement.runtime == "remote":
+                if verbose and (event.placement.runtime == "remote" or event.info.backend):
                     print(f"glmchat: {event.info.name} served by {event.info.backend}",
                           file=sys.stderr)
                 elif verbose:

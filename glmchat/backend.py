@@ -197,6 +197,8 @@ def running_server(model_path: str) -> dict[str, Any] | None:
         return None
     if not (state.get("url") or state.get("socket")):
         return None
+    if state.get("api_key_required") and not os.environ.get(API_KEY_ENV):
+        return None  # it would refuse us; the local worker answers instead
     return state
 
 

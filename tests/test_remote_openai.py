@@ -220,3 +220,30 @@ def test_a_running_serve_is_found_by_its_state_file_only_for_its_model(
     config = Config(backend=BackendConfig(url="local"))
     serve_state_file().write_text(json.dumps(state))
     assert isinstance(make_backend(config, discover=True), EngineClient)
+
+
+def test_tls_is_verified_and_a_ca_file_makes_a_private_certificate_trusted(
+        canned: tuple[str, type[Canned]], tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    _, handler = canned
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        with pytest.raises(GlmchatError, match=r"TLS certificate is not trusted.*--ca-file"):
+            loaded(OpenAICompatRemote(url))
+        assert loaded(OpenAICompatRemote(url, ca_file=str(cert))).info.name == "m1"
+        assert loaded(OpenAICompatRemote(url, verify=False)).info.name == "m1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -83,6 +83,7 @@ class BackendConfig:
     timeout: float = 600.0  # seconds: connecting, and between two bytes of a reply
     ca_file: str = ""  # PEM bundle to verify the server's certificate with
     verify: bool = True  # TLS certificate verification
+    stream: bool = True  # OpenAI-compatible servers: stream replies (SSE) or ask for them whole
 
 
 def backend_problems(values: dict[str, Any]) -> list[str]:
@@ -109,6 +110,7 @@ def backend_problems(values: dict[str, Any]) -> list[str]:
           and timeout > 0, "use a number of seconds > 0")
     check("ca_file", isinstance(values.get("ca_file"), str), "use a path to a PEM file")
     check("verify", isinstance(values.get("verify"), bool), "use true or false")
+    check("stream", isinstance(values.get("stream"), bool), "use true or false")
     return out
 
 
@@ -197,6 +199,8 @@ def running_server(model_path: str) -> dict[str, Any] | None:
         return None
     if not (state.get("url") or state.get("socket")):
         return None
+    if state.get("api_key_required") and not os.environ.get(API_KEY_ENV):
+        return None  # it would refuse us; the local worker answers instead
     return state
 
 
@@ -254,7 +258,7 @@ def make_backend(config: Any, *, discover: bool = False,
 
     return OpenAICompatRemote(url, api_key=read_api_key(settings.api_key), model=settings.model,
                               timeout=settings.timeout, ca_file=settings.ca_file or None,
-                              verify=settings.verify)
+                              verify=settings.verify, stream=settings.stream)
 
 
 def _glmchat_remote(url: str, settings: BackendConfig, found: bool = False) -> Backend:

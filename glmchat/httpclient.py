@@ -82,15 +82,16 @@ class HttpTarget:
 
     # ---- connections ----------------------------------------------------------------------------
 
-    def connect(self) -> http.client.HTTPConnection:
+    def connect(self, timeout: float | None = None) -> http.client.HTTPConnection:
         """An open connection; a refused one is retried briefly (nothing was sent yet)."""
+        timeout = self.timeout if timeout is None else timeout
         for attempt in range(CONNECT_RETRIES + 1):
             conn: http.client.HTTPConnection
             if self.scheme == "https":
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                    context=self.ssl_context)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             try:
                 conn.connect()
                 return conn
@@ -112,11 +113,11 @@ class HttpTarget:
             out["Authorization"] = f"Bearer {self.api_key}"
         return out
 
-    def open(self, method: str, path: str, payload: Any = None
+    def open(self, method: str, path: str, payload: Any = None, timeout: float | None = None
              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send one request; the connection and its response (status checked: an error status
         raises HttpError with the server's message). The caller closes the connection."""
-        conn = self.connect()
+        conn = self.connect(timeout)
         body = None if payload is None else json.dumps(payload).encode("utf-8")
         try:
             conn.request(method, path, body=body, headers=self.headers(body is not None))
@@ -146,11 +147,7 @@ class HttpTarget:
             conn.close()
 
     def get_text(self, path: str, timeout: float) -> str:
-        saved, self.timeout = self.timeout, timeout
-        try:
-            conn, response = self.open("GET", path)
-        finally:
-            self.timeout = saved
+        conn, response = self.open("GET", path, timeout=timeout)
         try:
             return response.read(4 * 1024 * 1024).decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:

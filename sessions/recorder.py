@@ -332,11 +332,11 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
         recorder.resume(resume)
     elif session_file is not None and session_file.is_file() and session_file.stat().st_size:
         recorder.resume(session_file)
-    if recorder.session is not None and recorder.session.latest_model().backend and \
+    latest = recorder.session.latest_model() if recorder.session is not None else None
+    if latest is not None and latest.backend and not latest.digest and \
             config.backend.url == "" and "backend" not in vars(args):
-        # A conversation with a server continues with that server and its model.
-        recorded = recorder.session.latest_model()
-        config.backend.url, config.backend.model = recorded.backend, recorded.source
+        # A conversation with a server that names no weights continues with that server.
+        config.backend.url, config.backend.model = latest.backend, latest.source
     elif recorder.session is not None and "model" not in vars(args):
         source = recorder.session.latest_model().source
         if source == "default" or Path(source).expanduser().exists():

@@ -5,9 +5,11 @@ Greedy and beam search are deterministic; sampling draws from a generator seeded
 recorded seed, so it repeats on the same machine and dtype. A reply stopped by the user is
 replayed up to the length it had; a beam search stopped midway cannot be, and is skipped.
 
-A session made with a server replays against that server (its recorded URL) unless --backend
-names another. A server other than glmchat cannot promise the same tokens (batching, kernels,
-its version) and may send no token ids: --check says so, and compares the text where it must.
+A session made with an OpenAI-compatible server replays against that server (its recorded
+URL) unless --backend names another; such a server cannot promise the same tokens (batching,
+kernels, its version) and may send no token ids: --check says so, and compares the text where
+it must. A session made with glmchat serve names its weights (source and digest), so it
+replays where those are: a running local glmchat serve of that model, else the local worker.
 """
 
 from __future__ import annotations
@@ -186,10 +188,14 @@ class Replayer:
         """The configured server (--backend, [backend] url), else the recorded one, else the
         local worker."""
         config = self.config
-        if config.backend.url == "" and recorded.backend:
+        if config.backend.url == "" and recorded.backend and not recorded.digest:
             config = copy.deepcopy(config)
             config.backend.url = recorded.backend
             config.backend.model = config.backend.model or recorded.source
+        elif config.backend.url == "" and recorded.backend:
+            config = copy.deepcopy(config)
+            config.model.path = self.config.model.path if self.path_typed else recorded.source
+            return make_backend(config, discover=True)
         return make_backend(config)
 
     @property

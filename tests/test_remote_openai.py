@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -48,8 +48,8 @@ def chunk(text: str = "", finish: str | None = None) -> bytes:
 class Canned(BaseHTTPRequestHandler):
     """Answers from the class-level ``routes``: path → (status, content type, body chunks)."""
 
-    routes: dict[str, tuple[int, str, list[bytes]]] = {}
-    seen: list[tuple[str, str, dict[str, Any]]] = []
+    routes: ClassVar[dict[str, tuple[int, str, list[bytes]]]] = {}
+    seen: ClassVar[list[tuple[str, str, dict[str, Any]]]] = []
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -179,14 +179,14 @@ def test_refusals_are_one_line_each(canned: tuple[str, type[Canned]]) -> None:
     with pytest.raises(GlmchatError, match=r"refused the request \(401: Invalid API key\)"):
         list(remote.stream(remote.generate(GenerationParams(), prompt="Hi")))
     beam = GenerationParams(strategy="beam", num_beams=2)
-    with pytest.raises(UsageError, match="beam search: .* which has none"):
+    with pytest.raises(UsageError, match=r"beam search: .* which has none"):
         list(remote.stream(remote.generate(beam, prompt="Hi")))
     handler.routes["/v1/models"] = (200, "application/json",
                                     [b'{"data": [{"id": "a"}, {"id": "b"}]}'])
     with pytest.raises(UsageError, match=r"has 2 models \(a, b\); name the one"):
         loaded(OpenAICompatRemote(url))
     gone = OpenAICompatRemote("http://127.0.0.1:9")
-    with pytest.raises(GlmchatError, match="cannot reach http://127.0.0.1:9"):
+    with pytest.raises(GlmchatError, match=r"cannot reach http://127\.0\.0\.1:9"):
         loaded(gone)
 
 
@@ -220,3 +220,30 @@ def test_a_running_serve_is_found_by_its_state_file_only_for_its_model(
     config = Config(backend=BackendConfig(url="local"))
     serve_state_file().write_text(json.dumps(state))
     assert isinstance(make_backend(config, discover=True), EngineClient)
+
+
+def test_tls_is_verified_and_a_ca_file_makes_a_private_certificate_trusted(
+        canned: tuple[str, type[Canned]], tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    _, handler = canned
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        with pytest.raises(GlmchatError, match=r"TLS certificate is not trusted.*--ca-file"):
+            loaded(OpenAICompatRemote(url))
+        assert loaded(OpenAICompatRemote(url, ca_file=str(cert))).info.name == "m1"
+        assert loaded(OpenAICompatRemote(url, verify=False)).info.name == "m1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -110,7 +110,9 @@ class GlmchatRemote:
             if not verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        return (parts.scheme, (parts.hostname, parts.port, parts.path.rstrip("/")), context)
+        # the OpenAI base URL (…/v1) names the same server: our paths start at its root
+        prefix = parts.path.rstrip("/").removesuffix("/v1")
+        return (parts.scheme, (parts.hostname, parts.port, prefix), context)
 
     # ---- HTTP ------------------------------------------------------------------------------------
 
@@ -196,9 +198,11 @@ class GlmchatRemote:
 
     def send(self, request: Request) -> None:
         """EngineClient's ``send``: Load, Generate, Cancel, GetStats, Shutdown."""
-        if isinstance(request, Load):
-            for _ in self.load(request.spec):
-                pass
+        if isinstance(request, Load):  # the answer comes on recv, as from a worker
+            loaded, memory = self._served()
+            self._events.put(loaded)
+            if memory is not None:
+                self._events.put(memory)
         elif isinstance(request, Generate):
             self._generate(request)
         elif isinstance(request, Cancel):
@@ -222,20 +226,26 @@ class GlmchatRemote:
         return event
 
     def load(self, spec: ModelSpec) -> Iterator[Event]:
-        """The served model, as Loaded (a server loads what it was started with)."""
+        """The served model, as Loaded (a server loads what it was started with); its memory
+        report follows on ``recv``."""
+        loaded, memory = self._served()
+        if memory is not None:
+            self._events.put(memory)
+        yield loaded
+
+    def _served(self) -> tuple[Loaded, Memory | None]:
         state = self._get_json("/glmchat/v1/model")
         try:
             loaded: Loaded = wire.from_wire(state["loaded"], Loaded)
             memory = state.get("memory")
-            if memory is not None:
-                self._events.put(wire.from_wire(memory, Memory))
+            memory = None if memory is None else wire.from_wire(memory, Memory)
         except (KeyError, TypeError, wire.WireError) as exc:
             raise GlmchatError(f"glmchat serve at {self.shown_url} sent a bad model "
                                f"description ({exc})") from None
         if hasattr(loaded.info, "backend"):  # the seam's field: who generates
             loaded.info = dataclasses.replace(loaded.info, backend=self.shown_url)
         self.loaded = loaded
-        yield loaded
+        return loaded, memory
 
     def new_id(self) -> str:
         return f"r{next(self._ids)}"

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest request body (default 1 MiB)")
     auth.add_argument("--max-waiting", type=int, default=256, metavar="N",
                       help="requests that may wait behind the running one (default 256)")
+    auth.add_argument("--kv-conversations", type=int, default=4, metavar="N",
+                      help="conversations whose KV cache is kept between their turns "
+                           "(default 4; each costs memory)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="loading progress and an access log on stderr")
     add_model_flags(parser)
@@ -108,7 +111,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_flags(args: argparse.Namespace, key: str | None) -> None:
-    for name in ("max_tokens", "max_body_bytes", "max_waiting"):
+    for name in ("max_tokens", "max_body_bytes", "max_waiting", "kv_conversations"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.socket is not None and (args.host is not None or args.port is not None):
@@ -220,6 +223,8 @@ def _run(args: argparse.Namespace, config: Any, key: str | None, sock: socket.so
     from glmchat.serve_openai import Limits
     from glmchat.serve_worker import ServedWorker
 
+    # read by the worker's model/prompt_cache.py: one KV cache per conversation, not one
+    os.environ["GLMCHAT_KV_CONVERSATIONS"] = str(args.kv_conversations)
     worker = ServedWorker(config.model.spec(), max_waiting=args.max_waiting)
     state: Path | None = None
     try:

@@ -393,6 +393,9 @@ def _finish_chunks(runs: _Runs, index: int, result: GenerationResult) -> list[di
     if index not in runs.opened:
         runs.opened.add(index)
         out.append(openai_chunk(parsed, rid, created, index, text="", role=True))
-    out.append(openai_chunk(parsed, rid, created, index, finish_reason=choice.finish_reason,
-                            token_ids=choice.token_ids if parsed.return_token_ids else None))
+    last = openai_chunk(parsed, rid, created, index, finish_reason=choice.finish_reason,
+                        token_ids=choice.token_ids if parsed.return_token_ids else None)
+    if parsed.return_token_ids:
+        last["prompt_token_ids"] = result.prompt_token_ids
+    out.append(last)
     return out

@@ -73,7 +73,6 @@ class Limits:
     """What a request may ask for on this server."""
 
     max_tokens: int = 2048  # a request asking for more is refused
-    context_length: int = 2048
 
 
 def _get(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:

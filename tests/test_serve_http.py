@@ -15,7 +15,7 @@ from glmchat.bench.serve_load import RunningServer, request, run_load, started_s
 
 from glmchat.client import EngineClient
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Finished
+from glmchat.protocol import ChatMessage, Finished, ModelSpec
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -67,6 +67,32 @@ def test_chat_gives_the_local_workers_tokens(server: RunningServer,
     assert choice["message"] == {"role": "assistant", "content": local.text}
     assert body["prompt_token_ids"] == local.prompt_token_ids
     assert body["usage"]["completion_tokens"] == len(local.token_ids)
+    frames = _sse(server, {"messages": [{"role": "user", "content": QUESTION}],
+                           "max_tokens": 16, "temperature": 0, "stream": True,
+                           "return_token_ids": True})
+    chunks = [json.loads(f[6:]) for f in frames if f.startswith("data: {")]
+    assert [i for c in chunks for ch in c["choices"] for i in ch.get("token_ids", [])] == \
+        local.token_ids
+    assert [c["prompt_token_ids"] for c in chunks if "prompt_token_ids" in c] == [
+        local.prompt_token_ids]
+
+
+def test_the_native_client_over_tcp_with_a_key(server: RunningServer,
+                                               client: EngineClient) -> None:
+    from glmchat.errors import UsageError
+    from glmchat.remote_native import GlmchatRemote
+
+    remote = GlmchatRemote(server.url + "/v1", api_key=server.api_key)  # the OpenAI base URL
+    remote.start()
+    list(remote.load(ModelSpec()))
+    params = GenerationParams(strategy="greedy", max_new_tokens=8)
+    gen_id = remote.generate(params, prompt="Hello", raw=True)
+    ours = [e for e in remote.stream(gen_id) if isinstance(e, Finished)][-1]
+    assert ours.result.token_ids == local_greedy(client, 8, prompt="Hello",
+                                                 raw=True).result.token_ids
+    remote.close()
+    with pytest.raises(UsageError, match="refused the API key"):
+        GlmchatRemote(server.url, api_key="wrong").generate(params, prompt="Hello")
 
 
 def test_completions_are_raw_continuations(server: RunningServer,

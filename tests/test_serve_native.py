@@ -18,7 +18,16 @@ from glmchat.bench.serve_load import RunningServer, connect, request, started_se
 from glmchat.client import EngineClient
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Finished, Loaded, Memory, ModelSpec, StepStats, Token
+from glmchat.protocol import (
+    ChatMessage,
+    Finished,
+    Load,
+    Loaded,
+    Memory,
+    ModelSpec,
+    StepStats,
+    Token,
+)
 from glmchat.remote_native import GlmchatRemote
 from tests.conftest import run_cli
 
@@ -79,6 +88,10 @@ def test_remote_events_match_the_local_worker(remote: GlmchatRemote,
     assert [e.text for e in events if isinstance(e, Token)] == [
         e.text for e in local_events if isinstance(e, Token)]
     assert any(isinstance(e, StepStats) for e in events)
+    remote.send(Load(ModelSpec()))  # the TUI's way: the answer comes on recv
+    while not isinstance(event := remote.recv(timeout=10), Loaded):
+        assert event is not None
+    assert event.info.backend == remote.shown_url
     remote.request_stats()
     deadline = time.monotonic() + 10
     while not isinstance(event := remote.recv(timeout=1), Memory):
@@ -124,6 +137,22 @@ def test_stop_cancels_within_a_token_and_not_the_next_request(remote: GlmchatRem
     assert len(results[first].result.token_ids) <= seen_at_cancel + 1
     assert results[second].result.finish_reason in ("eos", "length")
     assert results[second].result.text
+
+
+def test_each_conversation_keeps_its_kv_cache(remote: GlmchatRemote) -> None:
+    """Two conversations taking turns on one server: each turn 2 prefills only its new part."""
+    params = GenerationParams(strategy="greedy", max_new_tokens=6)
+    first: dict[str, Finished] = {}
+    for who in ("Alice", "Bob"):
+        first[who], _ = finished(remote, params, messages=[
+            ChatMessage("user", f"My name is {who}. Greet me in one sentence.")])
+    for who in ("Alice", "Bob"):
+        turn1 = first[who].result
+        messages = [ChatMessage("user", f"My name is {who}. Greet me in one sentence."),
+                    ChatMessage("assistant", turn1.text), ChatMessage("user", "And again?")]
+        turn2, _ = finished(remote, params, messages=messages)
+        new_part = len(turn2.result.prompt_token_ids) - len(turn1.prompt_token_ids)
+        assert turn2.result.timings.prefill_tokens <= new_part, who
 
 
 def test_a_client_that_hangs_up_cancels_its_generation(server: RunningServer) -> None:
@@ -178,3 +207,22 @@ def test_unsafe_or_contradictory_flags_are_refused(flags: list[str], says: str) 
     assert done.returncode == 2
     assert done.stderr.startswith("glmchat: error: ") and says in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_last_a_dead_worker_makes_the_server_say_503(server: RunningServer) -> None:
+    """Runs last in this module: it kills the module's server's worker."""
+    import psutil
+
+    (worker,) = [child for child in psutil.Process(server.pid).children()
+                 if "spawn_main" in " ".join(child.cmdline())]
+    worker.kill()
+    worker.wait(10)
+    deadline = time.monotonic() + 10
+    while (status := request(server.url, "GET", "/health")[0]) == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status == 503
+    status, body = request(server.url, "POST", "/v1/completions",
+                           json.dumps({"prompt": "hi"}).encode())
+    assert status == 503 and "stopped" in json.loads(body)["error"]["message"]
+    assert b"glmchat_up 0" in request(server.url, "GET", "/metrics")[1]

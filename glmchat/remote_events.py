@@ -219,8 +219,6 @@ class QueueBackend:
     # ---- messages -------------------------------------------------------------------------------
 
     def put(self, event: Event) -> None:
-        if isinstance(event, Loaded):
-            self.loaded = event
         self._events.put(event)
 
     def _thread(self, gen_id: str | None, work: Callable[[], None]) -> None:
@@ -264,10 +262,13 @@ class QueueBackend:
 
     def recv(self, timeout: float | None = None) -> Event | None:
         try:
-            return self._events.get(timeout=timeout) if timeout != 0 else \
+            event = self._events.get(timeout=timeout) if timeout != 0 else \
                 self._events.get_nowait()
         except queue.Empty:
             return None
+        if isinstance(event, Loaded):  # as EngineClient: known once the reader has seen it
+            self.loaded = event
+        return event
 
     # ---- EngineClient's conveniences ------------------------------------------------------------
 

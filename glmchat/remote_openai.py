@@ -12,8 +12,8 @@ invents nothing:
 | beam search       | refused: the reply fails with a sentence saying so                    |
 | [MASK] infill     | the prompt goes as plain text, and a note says the blanks were not    |
 |                   | filled                                                                |
-| token ids         | only when the server sends them (vLLM's token_ids); else empty, with  |
-|                   | a note, and the token count comes from the server's usage             |
+| token ids         | asked for (return_token_ids) from vLLM and glmchat serve; from others |
+|                   | none: empty, with a note, and the count comes from the server's usage |
 | memory            | the server's KV-cache use from its Prometheus /metrics (vLLM, SGLang) |
 |                   | or "not reported by this server"                                      |
 | cancel            | closes the connection: servers abort a request whose client left      |
@@ -44,7 +44,9 @@ KV_METRICS = (  # Prometheus names of the KV-cache fill (0..1) by server
     ("sglang:token_usage", "SGLang"),
 )
 NOT_REPORTED = "memory: not reported by this server"
-EXTRA_FIELDS = ("top_k", "min_tokens")  # vLLM's names for what OpenAI lacks; some refuse them
+TOKEN_ID_SERVERS = ("vllm", "glmchat")  # owned_by of servers that send token ids when asked
+# vLLM's names for what OpenAI lacks; a server that refuses one gets the request without it
+EXTRA_FIELDS = ("top_k", "min_tokens", "return_token_ids")
 
 
 def kv_cache_note(metrics: str) -> str | None:
@@ -95,6 +97,7 @@ class OpenAICompatRemote(QueueBackend):
         self._memory_note: str | None = None  # None: not asked yet
         self._served = ""  # the model id the server answers with
         self._refused: set[str] = set()  # fields beyond the OpenAI API this server rejected
+        self._owner = ""  # /v1/models' owned_by: "vllm", "glmchat", …
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -125,6 +128,7 @@ class OpenAICompatRemote(QueueBackend):
                                   "--backend-model NAME or [backend] model", usage=True))
             return
         self._served = chosen["id"]
+        self._owner = str(chosen.get("owned_by") or "")
         info = ModelInfo(name=self._served, source=self._served, weights_dir="", digest="",
                          architecture=str(chosen.get("owned_by") or "remote"), n_params=0,
                          dtype="", n_layers=0, context_length=context_length(chosen),
@@ -183,6 +187,8 @@ class OpenAICompatRemote(QueueBackend):
             payload["min_tokens"] = params.min_new_tokens  # vLLM's and SGLang's name
         if self.streaming:
             payload["stream_options"] = {"include_usage": True}
+        if self._owner in TOKEN_ID_SERVERS:
+            payload["return_token_ids"] = True  # vLLM's name; glmchat serve takes it too
         notes = []
         if has_masks(text_in):
             notes.append(self.once("infill: this server does not fill [MASK] blanks; the "

@@ -15,6 +15,7 @@ replays where those are: a running local glmchat serve of that model, else the l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +208,12 @@ class Replayer:
         recorded, _ = self.session.model_for(turn.id)
         if self._loaded_spec is not None and self.remote:
             return  # one server, one model
-        spec = self.config.model.spec() if self.remote else \
-            model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
+        if self.remote:  # the server has its model: ask for the recorded one by name
+            spec = self.config.model.spec()
+            spec = dataclasses.replace(spec, path=spec.path if self.path_typed
+                                       else recorded.source)
+        else:
+            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
         if spec == self._loaded_spec:
             return
         self.say(f"loading {recorded.name or spec.path} ({spec.path}, {spec.dtype})")

@@ -9,7 +9,6 @@ the real TUI; sessions record the server (never the key) and replay against it."
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -24,8 +23,6 @@ from typing import Any
 
 import pytest
 from glmchat.tui.app import GlmchatApp, Options, make_app
-from glmchat.tui.widgets.transcript import Notice
-from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import Static
 
@@ -36,6 +33,7 @@ from glmchat.params import GenerationParams
 from glmchat.protocol import Finished, Memory, ModelSpec, Token
 from glmchat.remote_openai import OpenAICompatRemote
 
+from .app_helpers import notices, plain, reply_done, send, wait_for
 from .conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -87,39 +85,6 @@ def server(default_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
-
-
-# ---- the TUI helpers of tests/tui/test_tui_functional.py (a directory that is no package) ----
-
-
-async def wait_for(pilot: Pilot[Any], condition: Any, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
-async def send(app: GlmchatApp, pilot: Pilot[Any], text: str) -> None:
-    app.editor.load_text(text)
-    await pilot.press("enter")
-    await pilot.pause()
-
-
-async def reply_done(app: GlmchatApp, pilot: Pilot[Any]) -> None:
-    await pilot.pause()
-    await wait_for(pilot, lambda: app.in_flight is None, "the reply to finish", 120)
-    await pilot.pause(0.1)
-
-
-def plain(widget: Static) -> str:
-    console = Console(file=io.StringIO(), width=80, color_system=None)
-    console.print(widget.content)
-    return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]
-
-
-def notices(app: GlmchatApp, kind: str = "") -> list[str]:
-    return [plain(n) for n in app.query(Notice) if not kind or n.has_class(kind)]
 
 
 # ---- the tests --------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ class EngineLink:
             if loaded is None or (loaded.info.source != self.spec.path
                                   and not loaded.info.backend):
                 self.client.send(Load(self.spec))
+                if self.client.loaded is not None and self.client.loaded is not loaded:
+                    # A backend that loads synchronously and keeps Loaded out of its events.
+                    self.app.post_message(self.EventsReceived([self.client.loaded]))
             else:
                 # A borrowed client that already holds the model (tests, a restarted app).
                 self.app.post_message(self.EventsReceived([loaded]))

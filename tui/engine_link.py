@@ -20,7 +20,7 @@ from glmchat.backend import Backend
 from glmchat.client import EngineClient
 from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Event, Load, ModelSpec
+from glmchat.protocol import ChatMessage, Event, Load, Loaded, ModelSpec
 
 BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per repaint
 
@@ -91,12 +91,14 @@ class EngineLink:
             elif not self.client.alive:
                 self.client.start()
             loaded = self.client.loaded
+            drawn: Loaded | None = None  # posted here already: not again from the events
             if loaded is None or (loaded.info.source != self.spec.path
                                   and not loaded.info.backend):
                 self.client.send(Load(self.spec))
                 if self.client.loaded is not None and self.client.loaded is not loaded:
                     # A backend that loads synchronously and keeps Loaded out of its events.
-                    self.app.post_message(self.EventsReceived([self.client.loaded]))
+                    drawn = self.client.loaded
+                    self.app.post_message(self.EventsReceived([drawn]))
             else:
                 # A borrowed client that already holds the model (tests, a restarted app).
                 self.app.post_message(self.EventsReceived([loaded]))
@@ -111,7 +113,11 @@ class EngineLink:
                     if more is None:
                         break
                     batch.append(more)
-                self.app.post_message(self.EventsReceived(batch))
+                if drawn is not None and drawn in batch:
+                    batch.remove(drawn)
+                    drawn = None
+                if batch:
+                    self.app.post_message(self.EventsReceived(batch))
         except GlmchatError as exc:
             if not stop.is_set():
                 self.app.post_message(self.WorkerDied(str(exc)))

@@ -10,7 +10,8 @@ SwissArmyTransformer's GLM130B op for op in float16 so that logits match THUDM's
 * GeGLU: first half linear, second half through exact (erf) GELU;
 * scores scaled by 1 / (sqrt(hn) * (layer_id + 1)), masked with -10000, softmax in float32
   after multiplying back by (layer_id + 1);
-* output tied to the word embeddings, no bias.
+* output tied to the word embeddings, no bias;
+* row-parallel layers (attention.dense, mlp.dense_4h_to_h) add their bias after the product.
 
 Inside the layers the layout is [seq, batch, hidden], as in SAT. bfloat16 and float32 run the
 same code (probabilities are cast to the model's dtype instead of float16), for CPU speed.
@@ -53,6 +54,14 @@ def rotary_tables(head_dim: int, length: int, dtype: torch.dtype) -> tuple[torch
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RowParallelLinear(nn.Linear):
+    """Megatron's row-parallel layer: the bias is added after the (all-reduced) product, so in
+    float16 it is rounded twice, as SAT computes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + self.bias
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=x1.ndim - 1)
@@ -65,7 +74,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 position_ids: torch.Tensor, mask: torch.Tensor,
@@ -107,7 +116,7 @@ class MLP(nn.Module):
     def __init__(self, config: GLM130BConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_4h_to_h = RowParallelLinear(config.inner_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.dense_h_to_4h(x).chunk(2, dim=x.ndim - 1)

@@ -8,16 +8,15 @@ written at TP=1 and TP=2, merged and converted by glmchat, then run by model/glm
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
 from glmchat.model import glm_checkpoint as ckpt
 from glmchat.model import glm_generate as glm
 from glmchat.model.family_glm130b import load_weights
 from glmchat.model.glm130b import GLM130B
+
 from tests import glm_tiny
 
 DATA = glm_tiny.fixture()
@@ -110,7 +109,7 @@ def test_fill_blanks_matches_the_reference(model_tp1: GLM130B, case: dict[str, A
     model = model_tp1
     tokens = _prompt_ids(case["prompt"])
     seq, mask_id, use_gmask = glm.build_sequence(tokens, case["prompt"].endswith("MASK]"))
-    assert seq + [SPECIALS["sop"]] == case["rounds"][0]["input_seq"]
+    assert [*seq, SPECIALS["sop"]] == case["rounds"][0]["input_seq"]
     answers, rounds = glm.fill_blanks(model, seq, mask_id, use_gmask,
                                       DATA["config"]["out_seq_length"],
                                       lambda: _strategy(case["strategy"]))

@@ -23,13 +23,14 @@ from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, lo
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
 
-SUBCOMMANDS = ("replay", "sessions", "bench")
+SUBCOMMANDS = ("replay", "sessions", "bench", "convert")
 
 # flag dest → (config section, key)
 MODEL_FLAGS = {
     "model": "path", "dtype": "dtype", "gpu_memory": "gpu_memory", "cpu_memory": "cpu_memory",
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
+    "tokenizer": "tokenizer", "num_heads": "num_heads",
 }
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
@@ -71,6 +72,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
+    g.add_argument("--tokenizer", default=s, metavar="FILE",
+                   help="GLM-130B: its ice_text.model (else the checkpoint dir, "
+                        "~/.icetk_models)")
+    g.add_argument("--num-heads", type=int, default=s, metavar="N",
+                   help="GLM-130B: attention heads (0 = from the checkpoint)")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
-               "[list|show|export|rm] · glmchat bench [engine|offload|make-model]. "
+               "[list|show|export|rm] · glmchat bench [engine|offload|make-model] · "
+               "glmchat convert DIR [--out OUT] (GLM-130B checkpoint, once). "
                "A prompt that is a subcommand's name goes after --.",
     )
     parser.add_argument("prompt", nargs="*", help="one-shot prompt (else read stdin if piped)")
@@ -206,6 +213,10 @@ def _interactive(config: Config, args: argparse.Namespace) -> int:
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
+    if name == "convert":
+        from glmchat.convert import convert_main
+
+        return convert_main(argv)
     if name == "bench":
         from glmchat.bench.cli import main as bench_main
 

@@ -21,7 +21,7 @@ from typing import Any
 from glmchat import __version__
 from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
 from glmchat.errors import GlmchatError, UsageError
-from glmchat.params import STRATEGIES
+from glmchat.params import BEAM_SCORERS, STRATEGIES
 
 SUBCOMMANDS = ("replay", "sessions", "bench", "convert")
 
@@ -35,7 +35,7 @@ MODEL_FLAGS = {
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
     "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-    "early_stopping", "stop", "system_prompt",
+    "early_stopping", "stop", "system_prompt", "beam_scorer",
 )
 
 
@@ -101,6 +101,9 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop when the reply contains TEXT (repeatable)")
     g.add_argument("--system", dest="system_prompt", default=s, metavar="TEXT",
                    help="system prompt for chat models")
+    g.add_argument("--beam-scorer", choices=BEAM_SCORERS, default=s,
+                   help="beam search scoring: transformers' or GLM-130B's (auto = the "
+                        "model's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from glmchat.protocol import (
     Token,
 )
 
-from . import family
+from . import family, glm_beam
 from . import generate as gen
 from . import placement as place
 from .clock import Clock as _Clock
@@ -215,9 +215,13 @@ class Engine:
                             provisional=True))
             self._step_stats(gen_id, timing, clock, len(best))
 
+        scorer = params.beam_scorer
+        if scorer == "auto":
+            scorer = self._family().default_beam_scorer
+        search = glm_beam.beam_search if scorer == "glm130b" else gen.beam_search
         try:
-            found = gen.beam_search(model, prompt_ids, settings, hits_stop=hits_stop,
-                                    should_stop=should_stop, on_step=on_step, timing=timing)
+            found = search(model, prompt_ids, settings, hits_stop=hits_stop,
+                           should_stop=should_stop, on_step=on_step, timing=timing)
         except gen.Cancelled:
             text = _cut(decode(best_so_far), stops)
             return "cancelled", list(best_so_far), text, [

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .offload import OffloadRuntime
 
 Progress = Callable[[int, int, str], None]
-BEAM_SCORERS: tuple[str, ...] = ("auto", "transformers", "glm130b")
 
 
 @dataclass

@@ -162,9 +162,10 @@ class Glm130bFamily:
 
         def make_strategy() -> glm.Strategy:
             if params.strategy == "beam":
+                style = "transformers" if params.beam_scorer == "transformers" else "glm130b"
                 return glm.BeamSearch(params.num_beams, length_penalty=params.length_penalty,
                                       no_repeat_ngram_size=params.no_repeat_ngram_size,
-                                      min_gen_length=params.min_new_tokens)
+                                      min_gen_length=params.min_new_tokens, style=style)
             return glm.Sampling(greedy=params.strategy != "sample",
                                 temperature=params.temperature, top_k=params.top_k,
                                 top_p=params.top_p if params.top_p < 1.0 else 0.0,

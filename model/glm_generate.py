@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,11 @@ class Sampling:
 @dataclass
 class BeamSearch:
     """BeamSearchStrategy (batch 1): OpenNMT length penalty over the full sequence, n-gram bans
-    recorded during generation only, min_gen_length, 3*beams candidates, finalize ranking."""
+    recorded during generation only, min_gen_length, 3*beams candidates, finalize ranking.
+
+    ``style="transformers"`` scores the same search the way transformers does instead: length
+    penalty = new tokens ** length_penalty, n-grams banned over the whole sequence. ``reorder``
+    picks cache rows for the kept beams (default: model/glm130b.py's list of (k, v))."""
 
     num_beams: int
     length_penalty: float = 1.0
@@ -110,6 +115,9 @@ class BeamSearch:
     deterministic: bool = True
     consider_end: bool = True
     generator: torch.Generator | None = None
+    style: str = "glm130b"  # | "transformers"
+    reorder: Callable[[Any, torch.Tensor], Any] | None = None
+    prompt_length: int = -1
     end_beams: list[list[int]] = field(default_factory=list)
     end_scores: list[float] = field(default_factory=list)
     beam_scores: torch.Tensor | None = None  # (beams,) float32
@@ -117,8 +125,13 @@ class BeamSearch:
     generated: int = 0
     is_done: bool = False
 
+    def _penalty(self, length: int) -> float:
+        if self.style == "transformers":
+            return float(max(length - self.prompt_length, 1)) ** self.length_penalty
+        return ((5.0 + length) / 6) ** self.length_penalty  # OpenNMT, over the full sequence
+
     def _add_end_beam(self, score: float, beam: list[int]) -> None:
-        score = score / ((5.0 + len(beam)) / 6) ** self.length_penalty
+        score = score / self._penalty(len(beam))
         i = len(self.end_beams)
         while i > 0 and not score < self.end_scores[i - 1]:
             i -= 1
@@ -127,15 +140,20 @@ class BeamSearch:
         del self.end_beams[self.num_beams:], self.end_scores[self.num_beams:]
 
     def forward(self, logits: torch.Tensor, tokens: torch.Tensor,
-                cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        logits = logits.reshape(tokens.size(0), -1).float()  # (beams, V)
+                cache: Any) -> tuple[torch.Tensor, Any]:
+        logits = logits.reshape(tokens.size(0), -1).to(torch.float32, copy=True)  # (beams, V)
         tokens = tokens.reshape(tokens.size(0), -1)  # (beams, L)
         n_beams, vocab = logits.shape
         seq_len = tokens.size(-1)
+        if self.prompt_length < 0:
+            self.prompt_length = seq_len
         if self.min_gen_length > self.generated:
             logits[:, list(self.end_tokens)] = FILTER
         n = self.no_repeat_ngram_size
-        if n > 0 and seq_len > n:
+        if n > 0 and self.style == "transformers":
+            for i in range(n_beams):
+                logits[i, gen.banned_ngram_tokens(tokens[i].tolist(), n)] = FILTER
+        elif n > 0 and seq_len > n:
             for i in range(n_beams):
                 prefix = tuple(tokens[i, -(n - 1):].tolist()) if n > 1 else ()
                 for banned in self.bans[i].get(prefix, ()):
@@ -179,12 +197,15 @@ class BeamSearch:
                 break
         self.bans = kept_bans if n > 0 else [{} for _ in kept]
         index = torch.tensor(kept_parents, dtype=torch.long)
-        cache = [(k.index_select(1, index.to(k.device)), v.index_select(1, index.to(v.device)))
-                 for k, v in cache]
+        if self.reorder is not None:
+            cache = self.reorder(cache, index)
+        else:
+            cache = [(k.index_select(1, index.to(k.device)),
+                      v.index_select(1, index.to(v.device))) for k, v in cache]
         self.beam_scores = torch.tensor(kept_scores, dtype=torch.float32)
         self.generated += 1
         if (len(self.end_beams) == self.num_beams and self.end_scores[-1] >=
-                float(self.beam_scores.max()) / ((5.0 + (seq_len + 1)) / 6) ** self.length_penalty):
+                float(self.beam_scores.max()) / self._penalty(seq_len + 1)):
             self.is_done = True
         return torch.tensor(kept, dtype=torch.long), cache
 

@@ -222,3 +222,18 @@ def test_cli_convert_reports_progress_and_bad_input_exits_2(good_tp2: Path,
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("glmchat: error: ")
     assert not (tmp_path / "cache" / "glmchat" / "models").exists() or not any(
         (tmp_path / "cache" / "glmchat" / "models").iterdir())
+
+
+def test_glm_model_can_use_the_transformers_scorer(engine: tuple[object, list[Event]]) -> None:
+    from glmchat.model.engine import Engine
+
+    eng, _ = engine
+    assert isinstance(eng, Engine)
+    base = GenerationParams(strategy="beam", num_beams=2, num_return_sequences=2,
+                            max_new_tokens=4)
+    ours = eng.generate(Generate(id="t", params=base.replace(beam_scorer="transformers"),
+                                 prompt="the lazy"), lambda: False)
+    glm_scored = eng.generate(Generate(id="u", params=base, prompt="the lazy"), lambda: False)
+    assert len(ours.beams) == 2 and len(glm_scored.beams) == 2
+    # the same log-probabilities, penalised by new tokens (transformers) or the full length
+    assert [b.score for b in ours.beams] != [b.score for b in glm_scored.beams]

@@ -32,6 +32,7 @@ HINTS: dict[str, str] = {
     "no_repeat_ngram_size": "0 = off",
     "stop": "comma-separated stop strings",
     "system_prompt": "empty = the model's default",
+    "beam_scorer": "beam: auto, transformers or glm130b",
 }
 
 

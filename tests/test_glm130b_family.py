@@ -237,3 +237,22 @@ def test_glm_model_can_use_the_transformers_scorer(engine: tuple[object, list[Ev
     assert len(ours.beams) == 2 and len(glm_scored.beams) == 2
     # the same log-probabilities, penalised by new tokens (transformers) or the full length
     assert [b.score for b in ours.beams] != [b.score for b in glm_scored.beams]
+
+
+def test_pipe_json_through_the_worker(tiny_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    tokenizer = tmp_path / "elsewhere.model"
+    tokenizer.write_bytes((tiny_dir / "ice_text.model").read_bytes())
+    done = run_cli("--model", str(tiny_dir), "--tokenizer", str(tokenizer), "--dtype",
+                   "bfloat16", "--json", "--no-save", "--max-new-tokens", "4",
+                   "the [MASK] fox")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.splitlines()[0])
+    assert record["text"].startswith("the ") and record["text"].endswith(" fox")
+    assert [s["mask"] for s in record["spans"]] == ["[MASK]"]
+    missing = run_cli("--model", str(tiny_dir), "--tokenizer", str(tmp_path / "nope.model"),
+                      "--no-save", "x")
+    assert missing.returncode == 2 and "nope.model does not exist" in missing.stderr

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-
 from glmchat.model import generate as gen
 from glmchat.model import glm_beam
 from glmchat.model import glm_generate as glm
+
 from glmchat.params import GenerationParams
 from glmchat.protocol import Generate, ModelSpec
 

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     report["convert_s"] = round(convert_s, 2)
     report["convert_gb_per_s"] = round(written / 1e9 / convert_s, 3)
     prompt = [20000 + (i * 7919) % 100000 for i in range(args.prompt_tokens)]
-    seq, mask_id, use_gmask = glm.build_sequence(prompt)
+    seq, _, use_gmask = glm.build_sequence(prompt)
     runs = []
     for name in [d for d in args.dtypes.split(",") if d]:
         dtype = getattr(torch, name)

@@ -172,19 +172,34 @@ class Glm130bFamily:
                                 generator=generator)
 
         timing = gen.StepTiming()
-        made: list[int] = [0]
+        made = [0, 0]  # tokens of the earlier fills, of the current one
         beam = params.strategy == "beam"
 
+        shown = [""]  # the current fill's text already streamed
+
+        def send(text: str, token_id: int = -1) -> None:
+            if text and not beam:
+                ctx.emit(Token(id=request.id, text=text, token_id=token_id))
+
         def on_round(index: int, current: list[int]) -> Callable[[list[int]], None]:
-            def on_step(generated: list[int]) -> None:
+            # Token events carry the result text in order: the text before each blank, then
+            # the fill as it grows (a sentencepiece word's leading space appears with the next
+            # piece, so the fill is decoded whole and only the new end is sent).
+            made[0], made[1] = made[0] + made[1], 0
+            shown[0] = ""
+            send(masked.segments[index] if index < len(masked.segments) else "")
+
+            def on_step(generated: list[int]) -> None:  # the tokens after sop
                 ctx.clock.token()
-                new = [t for t in generated[1:] if t not in END_TOKENS]  # after sop
-                piece = tokenizer.decode(new[-1:]) if new else ""
+                made[1] = len(generated)
+                new = [t for t in generated if t not in END_TOKENS]
+                text = tokenizer.decode(new)
                 if beam:
-                    ctx.emit(Token(id=request.id, text=tokenizer.decode(new),
-                                   token_id=generated[-1], provisional=True))
-                elif piece:
-                    ctx.emit(Token(id=request.id, text=piece, token_id=new[-1]))
+                    ctx.emit(Token(id=request.id, text=text, token_id=generated[-1],
+                                   provisional=True))
+                elif text.startswith(shown[0]) and len(text) > len(shown[0]):
+                    send(text[len(shown[0]):], new[-1])
+                    shown[0] = text
                 ctx.step_stats(request.id, timing, made[0] + len(generated))
             return on_step
 
@@ -198,6 +213,9 @@ class Glm130bFamily:
             except gen.Cancelled:
                 finish = "cancelled"
         fills = [tokenizer.decode(r.blanks[0]) if r.blanks else "" for r in rounds]
+        if finish != "cancelled" and rounds:
+            send(fills[-1][len(shown[0]):] if fills[-1].startswith(shown[0]) else "")
+            send(masked.segments[len(rounds)] if len(rounds) < len(masked.segments) else "")
         out_text, spans = splice(masked, fills)
         token_ids = [t for r in rounds for t in (r.blanks[0] if r.blanks else [])]
         if finish != "cancelled" and rounds:

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "offload": "glmchat.bench.offload",
     "serve": "glmchat.bench.serve",
     "serve-load": "glmchat.bench.serve_load",
+    "glm": "glmchat.bench.glm",
 }
 
 

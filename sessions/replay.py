@@ -148,7 +148,8 @@ def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
     return ModelSpec(path=path, dtype=dtype, gpu_memory=spec.gpu_memory,
                      cpu_memory=spec.cpu_memory, offload_dir=spec.offload_dir,
                      offload_runtime=spec.offload_runtime,
-                     offload_reader=spec.offload_reader, threads=spec.threads)
+                     offload_reader=spec.offload_reader, threads=spec.threads,
+                     tokenizer=spec.tokenizer, num_heads=spec.num_heads)
 
 
 class Replayer:

@@ -56,8 +56,11 @@ def _pick_dtype(spec_dtype: str, config: Any) -> torch.dtype:
         configured = DTYPES.get(configured)
     if isinstance(configured, torch.dtype) and configured in DTYPES.values():
         if configured != torch.float32 and place.gpu_count() == 0:
-            # Half precision matmuls are slow on most CPUs; float32 is the CPU's native speed.
-            return torch.float32
+            # On a CPU: the stored dtype where a one-time probe finds fast kernels for it
+            # (streamed layers are then not converted every token), else float32.
+            from .dtype_probe import cpu_computes_fast
+
+            return configured if cpu_computes_fast(configured) else torch.float32
         return configured
     return torch.float32
 

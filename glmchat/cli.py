@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from glmchat import __version__
-from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
+from glmchat.config import (
+    DTYPES,
+    OFFLOAD_READERS,
+    OFFLOAD_RUNTIMES,
+    QUANT_GROUPS,
+    QUANTIZE,
+    Config,
+    load_config,
+)
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
 
@@ -30,6 +38,7 @@ MODEL_FLAGS = {
     "model": "path", "dtype": "dtype", "gpu_memory": "gpu_memory", "cpu_memory": "cpu_memory",
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
+    "quantize": "quantize", "quant_group": "quant_group",
 }
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
@@ -71,6 +80,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
+    # Checked with the config (one error line, exit 2), not by argparse's choices.
+    g.add_argument("--quantize", default=s, metavar="|".join(QUANTIZE),
+                   help="weight-only quantized decoder layers (converted once, cached)")
+    g.add_argument("--quant-group", type=int, default=s, metavar="N",
+                   help="int4 group size along the input dimension: "
+                        + ", ".join(map(str, QUANT_GROUPS)))
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,8 @@ class ModelSpec:
     offload_runtime: str = "glmchat"
     offload_reader: str = "auto"  # glmchat runtime, CPU compute: "auto" | "mmap" | "direct"
     threads: int = 0
+    quantize: str = "none"  # weight-only quantized decoder layers: "none" | "int8" | "int4"
+    quant_group: int = 32  # int4: group size along the input dimension
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Placement:
     n_layers: int
     runtime: str  # "resident" | "accelerate" | "glmchat"
     gpu_available: bool
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
 
 
 @dataclass

@@ -126,8 +126,8 @@ class SessionRecorder:
             self.session = self.store.new_session(model, summary, path=path)
             return
         current = session.latest_model()
-        if (current.source, current.digest, current.dtype) != (model.source, model.digest,
-                                                                 model.dtype):
+        if (current.source, current.digest, current.dtype, current.quantize) != (
+                model.source, model.digest, model.dtype, model.quantize):
             self._write(ModelChanged(new_event_id("m"), utc_now(), model, summary))
 
     def new(self) -> None:

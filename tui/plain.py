@@ -127,8 +127,10 @@ class PlainRepl:
             elif isinstance(event, Loaded):
                 tiers = ", ".join(f"{n} on {t}" for t, n in
                                   sorted(event.placement.layers_per_tier.items()))
+                weights = (f", {event.info.quantize}" if event.info.quantize != "none" else "")
                 self.say(f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
-                         f"{human_bytes(sum(event.placement.bytes_per_tier.values()))})", "dim")
+                         f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}"
+                         f"{weights})", "dim")
                 self.conversation.set_model(event)
         self.loader = None
         if self.load_error is not None:

@@ -113,7 +113,8 @@ class SidePanel(VerticalScroll):
         self.query_one("#load-bar").display = False
         self.query_one("#load-what").display = False
         text = Text(info.name, style="bold")
-        text.append(f"\n{human_count(info.n_params)} params · {info.dtype}\n"
+        weights = f" · {info.quantize} weights" if info.quantize != "none" else ""
+        text.append(f"\n{human_count(info.n_params)} params · {info.dtype}{weights}\n"
                     f"{info.n_layers} layers · context {info.context_length}\n"
                     f"loaded in {duration(loaded.load_s)}", style="dim")
         self.query_one("#model-info", Static).update(text)
@@ -121,7 +122,8 @@ class SidePanel(VerticalScroll):
 
     def show_placement(self, placement: Placement) -> None:
         self.query_one("#placement-rows", Static).update(placement_table(placement))
-        self.query_one("#placement-box").border_subtitle = placement.runtime
+        self.query_one("#placement-box").border_subtitle = placement.runtime + (
+            f" · {placement.quantize}" if placement.quantize != "none" else "")
 
     # ---- speed ----------------------------------------------------------------------------------
 

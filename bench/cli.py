@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "tui": "glmchat.bench.tui",
     "make-model": "glmchat.bench.make_model",
     "offload": "glmchat.bench.offload",
+    "quality": "glmchat.bench.quality",
 }
 
 

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from glmchat.model import dtype_probe
 from glmchat.model.engine import _pick_dtype
 

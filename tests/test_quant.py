@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-
 from glmchat.bench import quality
-from glmchat.errors import UsageError
 from glmchat.model import quant
 from glmchat.model.engine import Engine
+
+from glmchat.errors import UsageError
 from glmchat.protocol import ModelSpec
 from tests.conftest import run_cli
 
@@ -34,9 +34,8 @@ def _engine(spec: ModelSpec) -> Any:
 
 
 def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
-    from transformers import DynamicCache
-
     from glmchat.model import generate as gen
+    from transformers import DynamicCache
 
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
@@ -214,9 +213,8 @@ def test_unknown_scheme_and_group_are_one_line_usage_errors(isolated_xdg: Path) 
 
 def test_the_aligned_writer_gives_64_byte_aligned_tensors_safetensors_can_read(
         tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     from glmchat.model.mapped import MappedCheckpoint
+    from safetensors.torch import load_file
 
     tensors = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, 7),
                "c": torch.randn(2).bfloat16()}
@@ -234,10 +232,11 @@ def test_the_aligned_writer_gives_64_byte_aligned_tensors_safetensors_can_read(
 
 
 def test_sessions_record_the_scheme_and_replay_uses_it(isolated_xdg: Path) -> None:
-    from glmchat.config import load_config
     from glmchat.sessions.domain import ModelRecord
     from glmchat.sessions.records import _model_from, _model_to_record
     from glmchat.sessions.replay import model_spec
+
+    from glmchat.config import load_config
 
     record = ModelRecord(name="m", source="default", digest="d", dtype="float32",
                          quantize="int4-g64")

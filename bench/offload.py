@@ -58,6 +58,8 @@ class Run:
     cached_after_eviction: float = -1.0  # cold: fraction of the files still in the page cache
     reader: str = ""  # glmchat on CPU: the reader the runtime used ("mmap" | "direct")
     dtype: str = ""  # compute dtype
+    scheme: str = "none"  # the weights: "none" | "int8" | "int4-g32" ...
+    layers_per_tier: dict[str, int] = field(default_factory=dict)  # quantized: its placement
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glmchat on CPU: unmap streamed pages after use (auto: when the "
                              "model would not stay in the page cache anyway)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--quantize", default="", metavar="SCHEMES",
+                        help="also run ours on quantized weights, each with its own placement "
+                             "under the same budget: comma-separated int8, int4, int4-g64 ...")
     parser.add_argument("--no-defaults", action="store_true",
                         help="skip glmchat:default (ours with the settings a user gets: "
                              "--dtype auto, --offload-reader auto)")
@@ -139,6 +144,16 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(weights_dir)
     prompt_ids = torch.tensor([tokenizer(PROMPT)["input_ids"]], dtype=torch.long)
     engines = [e for e in args.engines.split(",") if e]
+    schemes = [_scheme_label(s) for s in args.quantize.split(",") if s and s != "none"]
+    quantized: dict[str, Any] = {}  # label → quant.QuantResult
+    for label in schemes:
+        from glmchat.model import quant
+
+        scheme, _, group = label.partition("-g")
+        result = quant.prepare(weights_dir, resolved.digest, scheme, int(group or 32),
+                               lambda done, total, what: None, device.type)
+        assert result is not None
+        quantized[label] = result
     regimes = [r for r in args.regimes.split(",") if r]
     total_bytes = sum(f.stat().st_size for f in files)
     if "resident" in engines and total_bytes * (dtype.itemsize / stored.itemsize) > \
@@ -173,6 +188,10 @@ def main(argv: list[str]) -> int:
         wanted = _regime_engines(engines, regime, args.reader, device.type)
         if "glmchat" in engines and not args.no_defaults:
             wanted["glmchat:default"] = ("glmchat-default", "auto")
+        for label in schemes:
+            q_reader = ("direct" if cold and args.reader == "auto" and device.type == "cpu"
+                        else args.reader)
+            wanted[f"glmchat:{label}"] = (f"glmchat-q:{label}", q_reader)
         for key in [key for key in loaded if key not in wanted.values()]:
             # Done with: pages it keeps mapped (the resident loader's, our mmap reader's) would
             # survive the cold regime's evictions.
@@ -184,11 +203,16 @@ def main(argv: list[str]) -> int:
         for engine, reader in wanted.values():
             if (engine, reader) not in loaded:
                 t0 = time.perf_counter()
-                model, runtime = _load(engine, weights_dir, config, device_map,
-                                       auto_dtype if engine == "glmchat-default" else dtype,
-                                       device, args.prefetch,
-                                       None if engine == "glmchat-default" else release,
-                                       reader or "auto")
+                if engine.startswith("glmchat-q:"):
+                    model, runtime = _load_quantized(quantized[engine.split(":", 1)[1]],
+                                                     spec, dtype, device, args.prefetch,
+                                                     release, reader or "auto")
+                else:
+                    model, runtime = _load(engine, weights_dir, config, device_map,
+                                           auto_dtype if engine == "glmchat-default" else dtype,
+                                           device, args.prefetch,
+                                           None if engine == "glmchat-default" else release,
+                                           reader or "auto")
                 loaded[(engine, reader)] = (model, runtime, time.perf_counter() - t0)
         taking_part = {name: loaded[key][:2] for name, key in wanted.items()}
         use_probe = cold and device.type == "cpu" and probe.total > 0
@@ -206,6 +230,9 @@ def main(argv: list[str]) -> int:
             _model, runtime, load_s = loaded[(engine, reader)]
             run.engine, run.regime, run.load_s = name, regime, load_s
             run.dtype = _name(auto_dtype if engine == "glmchat-default" else dtype)
+            if engine.startswith("glmchat-q:"):
+                run.scheme = engine.split(":", 1)[1]
+                run.layers_per_tier = _layers_per_tier(runtime)
             run.reader = runtime.stats.reader if runtime is not None else ""
             run.bytes_per_token = (runtime.stats.bytes_per_token if runtime is not None
                                    else accelerate_bytes if engine == "accelerate" else 0)
@@ -425,6 +452,45 @@ def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str
     raise SystemExit(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
 
 
+def _scheme_label(text: str) -> str:
+    """"int4" → "int4-g32" (the default group); "int8", "int4-g64" as they are."""
+    from glmchat.model import quant
+
+    scheme, _, group = text.partition("-g")
+    quant.check_scheme(scheme, int(group) if group.isdigit() else 32)
+    if group and not group.isdigit():
+        raise SystemExit(f"glmchat bench offload: error: bad scheme {text!r}; use int8, int4, "
+                         "int4-g64 ...")
+    return scheme if scheme == "int8" else f"int4-g{group or 32}"
+
+
+def _load_quantized(result: Any, spec: Any, dtype: Any, device: Any, prefetch: int,
+                    release_behind: bool | None, reader: str) -> tuple[Any, Any]:
+    """Ours on the quantized copy, placed under the same budget (its smaller bytes: more
+    layers fit)."""
+    from accelerate import init_empty_weights
+    from glmchat.model import offload
+    from glmchat.model import placement as place
+    from glmchat.model.qlinear import swap_linears
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(result.runtime_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_linears(model, result.runtime_dir, result.scheme, result.group_size)
+    device_map = place.compute_device_map(model, spec, dtype) or {"": str(device)}
+    runtime = offload.load_offloaded(model, result.runtime_dir, device_map, dtype, device,
+                                     prefetch=prefetch, release_behind=release_behind,
+                                     reader=reader)
+    runtime.quantize = result.label
+    return model.eval(), runtime
+
+
+def _layers_per_tier(runtime: Any) -> dict[str, int]:
+    stats = runtime.stats
+    return {"resident": stats.resident_layers, "streamed": stats.streamed_layers}
+
+
 def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
                           new_tokens: int, device: Any, evict: list[Path] | None,
                           probe: DiskProbe | None = None) -> tuple[dict[str, Run], list[float]]:
@@ -526,10 +592,18 @@ def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
     if cold:
         print(f"cold: after each eviction at most {max(cold) * 100:.1f}% of the weight files "
               "was still in the page cache")
-    for dtype in sorted({r.dtype for r in runs}):
-        outputs = {tuple(r.token_ids) for r in runs if r.dtype == dtype}
-        print(f"greedy tokens identical across engines and regimes ({dtype} compute): "
+    for dtype, scheme in sorted({(r.dtype, r.scheme) for r in runs}):
+        outputs = {tuple(r.token_ids) for r in runs if (r.dtype, r.scheme) == (dtype, scheme)}
+        weights = "" if scheme == "none" else f", {scheme} weights"
+        print(f"greedy tokens identical across engines and regimes ({dtype} compute{weights}): "
               + ("yes" if len(outputs) == 1 else f"NO ({len(outputs)} different outputs)"))
+    for run in runs:
+        full = by.get(("glmchat", run.regime))
+        if run.scheme != "none" and full is not None and full.decode_tokens_per_s:
+            speedup = run.decode_tokens_per_s / full.decode_tokens_per_s
+            ratio = run.bytes_per_token / max(full.bytes_per_token, 1)
+            print(f"{run.engine} {run.regime}: {speedup:.2f}x full width, {ratio:.2f}x its "
+                  f"bytes per token (layers per tier {run.layers_per_tier})")
 
 
 def _cell(value: float, width: int, suffix: str = "") -> str:

@@ -18,6 +18,8 @@ from glmchat.errors import UsageError
 from glmchat.protocol import ModelSpec
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # loads the embedded model (about 6 min under a load of 8, 2 cores)
+
 ALL_ON_DISK = 0.0001  # GiB: every layer streams
 SCORED_TOKENS = 1024  # of the text's ~2 400 (the README's table scores all of it); 2 chunks
 # A random Llama whose shapes the kernels only partly take: K = 80 is not a multiple of 32,

@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "make-model": "glmchat.bench.make_model",
     "offload": "glmchat.bench.offload",
     "quality": "glmchat.bench.quality",
+    "serve": "glmchat.bench.serve",
+    "serve-load": "glmchat.bench.serve_load",
 }
 
 

@@ -6,6 +6,7 @@
     glmchat replay FILE          regenerate a saved session (--check compares token ids)
     glmchat sessions …           list, show, export, remove saved sessions
     glmchat bench …              benchmarks
+    glmchat serve                load the model once, serve it over HTTP (glmchat/serve.py)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from glmchat.config import (
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
 
-SUBCOMMANDS = ("replay", "sessions", "bench")
+SUBCOMMANDS = ("replay", "sessions", "bench", "serve")
 
 # flag dest → (config section, key)
 MODEL_FLAGS = {
@@ -40,6 +41,9 @@ MODEL_FLAGS = {
     "offload_reader": "offload_reader", "threads": "threads",
     "quantize": "quantize", "quant_group": "quant_group",
 }
+# flag dest → [backend] key
+BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key",
+                 "ca_file": "ca_file"}
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
     "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
@@ -88,6 +92,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         + ", ".join(map(str, QUANT_GROUPS)))
 
 
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("backend (who generates)")
+    s = argparse.SUPPRESS
+    g.add_argument("--backend", default=s, metavar="URL",
+                   help="a glmchat serve or OpenAI-compatible server (vLLM, SGLang, llama.cpp, "
+                        "Ollama, …), e.g. http://host:8000/v1; 'local' = the local worker")
+    g.add_argument("--backend-model", default=s, metavar="NAME",
+                   help="the server's model id (default: the one it serves)")
+    g.add_argument("--api-key", default=s, metavar="env:VAR|file:PATH",
+                   help="where the server's API key is (default: $GLMCHAT_API_KEY)")
+    g.add_argument("--ca-file", default=s, metavar="FILE",
+                   help="PEM bundle to verify the server's TLS certificate with")
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     s = argparse.SUPPRESS
@@ -117,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
-               "[list|show|export|rm] · glmchat bench [engine|offload|make-model]. "
+               "[list|show|export|rm] · glmchat bench [engine|offload|make-model] · "
+               "glmchat serve [--port N]. "
                "A prompt that is a subcommand's name goes after --.",
     )
     parser.add_argument("prompt", nargs="*", help="one-shot prompt (else read stdin if piped)")
@@ -139,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", metavar="ID|FILE", help="continue a saved conversation")
     out.add_argument("--no-save", action="store_true", help="do not save this conversation")
     add_model_flags(parser)
+    add_backend_flags(parser)
     add_generation_flags(parser)
     return parser
 
@@ -153,6 +173,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["model"] = model
     if generation:
         out["generation"] = generation
+    backend = {key: given[dest] for dest, key in BACKEND_FLAGS.items() if dest in given}
+    if backend:
+        out["backend"] = backend
     return out
 
 
@@ -163,6 +186,8 @@ def config_from(args: argparse.Namespace) -> Config:
 def check_model_path(config: Config) -> None:
     """Cheap checks in the front end, so a typo fails before the worker starts."""
     path = config.model.path
+    if config.backend.url not in ("", "local"):
+        return  # the server has the model
     if path != "default" and not Path(path).expanduser().exists():
         raise UsageError(f"model path {path} does not exist; pass a model directory, a .gguf "
                          "file, or 'default'")
@@ -225,6 +250,10 @@ def _subcommand(name: str, argv: list[str]) -> int:
         from glmchat.bench.cli import main as bench_main
 
         return bench_main(argv)
+    if name == "serve":
+        from glmchat.serve import serve_main
+
+        return serve_main(argv)
     if name == "replay":
         from glmchat.sessions.cli import replay_main
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from glmchat import paths
+from glmchat.backend import BackendConfig, backend_problems
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams, param_problems
 from glmchat.protocol import ModelSpec
@@ -70,6 +71,7 @@ class Config:
     generation: GenerationParams = field(default_factory=GenerationParams)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     files: list[Path] = field(default_factory=list)
 
 
@@ -144,6 +146,8 @@ def _section_problems(section: str, values: dict[str, Any]) -> list[str]:
         if "save" in values and not isinstance(values["save"], bool):
             out.append(f"save = {values['save']!r} is invalid: use true or false")
         return out
+    if section == "backend":
+        return backend_problems(values)
     if section == "ui" and values.get("frontend", "tui") not in FRONTENDS:
         return [f"frontend = {values['frontend']!r} is invalid: use tui or plain"]
     return []
@@ -200,5 +204,7 @@ def load_config(config_file: Path | None = None,
         generation=GenerationParams.from_dict(merged["generation"]),
         sessions=SessionsConfig(**merged["sessions"]),
         ui=UIConfig(**merged["ui"]),
+        backend=BackendConfig(**{**merged["backend"],
+                                 "timeout": float(merged["backend"]["timeout"])}),
         files=files,
     )

@@ -51,6 +51,7 @@ class ModelInfo:
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
     quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
+    backend: str = ""  # the server that generates (URL without credentials); "" = local
 
 
 @dataclass

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from glmchat import __version__
-from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
+from glmchat.config import (
+    DTYPES,
+    OFFLOAD_READERS,
+    OFFLOAD_RUNTIMES,
+    QUANT_GROUPS,
+    QUANTIZE,
+    Config,
+    load_config,
+)
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import BEAM_SCORERS, STRATEGIES
 
@@ -33,6 +41,7 @@ MODEL_FLAGS = {
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
     "tokenizer": "tokenizer", "num_heads": "num_heads",
+    "quantize": "quantize", "quant_group": "quant_group",
 }
 # flag dest → [backend] key
 BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key",
@@ -82,6 +91,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "~/.icetk_models)")
     g.add_argument("--num-heads", type=int, default=s, metavar="N",
                    help="GLM-130B: attention heads (0 = from the checkpoint)")
+    # Checked with the config (one error line, exit 2), not by argparse's choices.
+    g.add_argument("--quantize", default=s, metavar="|".join(QUANTIZE),
+                   help="weight-only quantized decoder layers (converted once, cached)")
+    g.add_argument("--quant-group", type=int, default=s, metavar="N",
+                   help="int4 group size along the input dimension: "
+                        + ", ".join(map(str, QUANT_GROUPS)))
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:

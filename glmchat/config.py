@@ -26,6 +26,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_RUNTIMES = ("glmchat", "accelerate")
 OFFLOAD_READERS = ("auto", "mmap", "direct")
 FRONTENDS = ("tui", "plain")
+QUANTIZE = ("none", "int8", "int4")
+QUANT_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass
@@ -40,13 +42,16 @@ class ModelConfig:
     threads: int = 0
     tokenizer: str = ""
     num_heads: int = 0
+    quantize: str = "none"
+    quant_group: int = 32
 
     def spec(self) -> ModelSpec:
         return ModelSpec(path=self.path, dtype=self.dtype, gpu_memory=self.gpu_memory,
                          cpu_memory=self.cpu_memory, offload_dir=self.offload_dir,
                          offload_runtime=self.offload_runtime,
                          offload_reader=self.offload_reader, threads=self.threads,
-                         tokenizer=self.tokenizer, num_heads=self.num_heads)
+                         tokenizer=self.tokenizer, num_heads=self.num_heads,
+                         quantize=self.quantize, quant_group=self.quant_group)
 
 
 @dataclass
@@ -126,6 +131,10 @@ def _model_problems(values: dict[str, Any]) -> list[str]:
                       and not isinstance(values.get("num_heads"), bool)
                       and values["num_heads"] >= 0,
                       "use an integer >= 0 (0 = from the checkpoint)"),
+        "quantize": (values.get("quantize") in QUANTIZE, "use one of " + ", ".join(QUANTIZE)),
+        "quant_group": (values.get("quant_group") in QUANT_GROUPS
+                        and not isinstance(values.get("quant_group"), bool),
+                        "use one of " + ", ".join(map(str, QUANT_GROUPS))),
     }
     for key, (ok, allowed) in checks.items():
         if key in values and not ok:
@@ -199,7 +208,8 @@ def load_config(config_file: Path | None = None,
             cpu_memory=None if m["cpu_memory"] == "auto" else float(m["cpu_memory"]),
             offload_dir=m["offload_dir"], offload_runtime=m["offload_runtime"],
             offload_reader=m["offload_reader"], threads=m["threads"],
-            tokenizer=m["tokenizer"], num_heads=m["num_heads"]),
+            tokenizer=m["tokenizer"], num_heads=m["num_heads"],
+            quantize=m["quantize"], quant_group=m["quant_group"]),
         generation=GenerationParams.from_dict(merged["generation"]),
         sessions=SessionsConfig(**merged["sessions"]),
         ui=UIConfig(**merged["ui"]),

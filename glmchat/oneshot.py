@@ -96,8 +96,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 elif verbose:
                     tiers = ", ".join(f"{n} on {t}" for t, n in
                                       sorted(event.placement.layers_per_tier.items()))
+                    weights = (f"; {event.info.quantize} weights"
+                               if event.info.quantize != "none" else "")
                     print(f"glmchat: loaded {event.info.name} in {event.load_s:.1f}s "
-                          f"(layers: {tiers})", file=sys.stderr)
+                          f"(layers: {tiers}{weights})", file=sys.stderr)
         for text in prompts:
             if recorder is None:
                 gen_id = client.generate(params, prompt=text, raw=args.raw)

@@ -29,6 +29,8 @@ class ModelSpec:
     threads: int = 0
     tokenizer: str = ""  # GLM-130B: ice_text.model; "" = the checkpoint dir, ~/.icetk_models
     num_heads: int = 0  # GLM-130B: attention heads; 0 = from the checkpoint
+    quantize: str = "none"  # weight-only quantized decoder layers: "none" | "int8" | "int4"
+    quant_group: int = 32  # int4: group size along the input dimension
 
 
 @dataclass
@@ -50,6 +52,7 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
     backend: str = ""  # the server that generates (URL without credentials); "" = local
 
 
@@ -63,6 +66,7 @@ class Placement:
     n_layers: int
     runtime: str  # "resident" | "accelerate" | "glmchat"
     gpu_available: bool
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
 
 
 @dataclass

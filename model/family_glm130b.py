@@ -89,6 +89,10 @@ class Glm130bFamily:
     def load(self, spec: ModelSpec, progress: Progress) -> LoadedModel:
         source = Path(spec.path).expanduser()
         progress(0, 4, f"checking {spec.path}")
+        if spec.quantize != "none":
+            raise UsageError(f"--quantize {spec.quantize} is not available for GLM-130B "
+                             f"checkpoints yet ({spec.path}); load it at full width "
+                             "(--quantize none)")
         converted, digest = converted_dir(source, spec, progress)
         config: GLM130BConfig = ckpt.read_config(converted, spec.num_heads)
         tokenizer = IceTextTokenizer(

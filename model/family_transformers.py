@@ -34,8 +34,11 @@ def pick_dtype(spec_dtype: str, config: Any) -> torch.dtype:
         configured = DTYPES.get(configured)
     if isinstance(configured, torch.dtype) and configured in DTYPES.values():
         if configured != torch.float32 and place.gpu_count() == 0:
-            # Half precision matmuls are slow on most CPUs; float32 is the CPU's native speed.
-            return torch.float32
+            # On a CPU: the stored dtype where a one-time probe finds fast kernels for it
+            # (streamed layers are then not converted every token), else float32.
+            from .dtype_probe import cpu_computes_fast
+
+            return configured if cpu_computes_fast(configured) else torch.float32
         return configured
     return torch.float32
 
@@ -72,6 +75,20 @@ class TransformersFamily:
         if resolved.needs_conversion:
             sources.convert_gguf(resolved, progress)
         weights_dir = resolved.weights_dir
+        quantized = None
+        if spec.quantize != "none":  # weight-only quantized decoder layers (model/quant.py)
+            from . import quant
+
+            quantized = quant.prepare(weights_dir, resolved.digest, spec.quantize,
+                                      spec.quant_group, progress,
+                                      "cuda" if place.gpu_count() else "cpu")
+        if quantized is not None:
+            weights_dir = quantized.runtime_dir
+            for note in quantized.notes:
+                progress(1, 4, f"note: {note}")
+            for fallback in quantized.fallbacks:
+                progress(1, 4, f"note: kept at full width (the kernel cannot take it): "
+                         f"{fallback}")
         progress(1, 4, f"reading {resolved.name} config")
         try:
             config = AutoConfig.from_pretrained(weights_dir)
@@ -81,6 +98,10 @@ class TransformersFamily:
         with init_empty_weights():
             meta_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         n_params = sum(p.numel() for p in meta_model.parameters())
+        if quantized is not None:
+            from .qlinear import swap_linears
+
+            swap_linears(meta_model, weights_dir, quantized.scheme, quantized.group_size)
 
         progress(2, 4, "placing layers")
         device_map = place.compute_device_map(meta_model, spec, dtype)
@@ -102,6 +123,10 @@ class TransformersFamily:
         if device_map is not None and len(set(device_map.values())) == 1:
             only = next(iter(device_map.values()))
             device_map = None if only == "cpu" else device_map
+        if quantized is not None:  # quantized layers load through our runtime, always
+            streamed = True
+            runtime = "glmchat" if offload.streams_layers(device_map) else "resident"
+            device_map = device_map or {"": "cuda:0" if place.gpu_count() else "cpu"}
 
         progress(3, 4, f"loading {resolved.name} weights ({human(n_params)} parameters)")
         kwargs: dict[str, Any] = {"dtype": dtype}
@@ -115,6 +140,7 @@ class TransformersFamily:
                                                   offload.compute_device(device_map),
                                                   reader=spec.offload_reader)
                 model, device_map = meta_model, streamer.device_map
+                streamer.quantize = quantized.label if quantized is not None else "none"
                 with contextlib.suppress(OSError):
                     model.generation_config = GenerationConfig.from_pretrained(weights_dir)
             else:
@@ -127,6 +153,11 @@ class TransformersFamily:
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
         placement = place.summarize(model, device_map, runtime)
+        if quantized is not None:
+            from .qlinear import logical_params
+
+            placement.quantize = quantized.label
+            n_params = logical_params(model)
         context = int(getattr(config, "max_position_embeddings", 0)
                       or getattr(tokenizer, "model_max_length", 2048))
         info = ModelInfo(
@@ -135,7 +166,8 @@ class TransformersFamily:
             n_params=n_params, dtype=str(dtype).removeprefix("torch."),
             n_layers=int(getattr(config, "num_hidden_layers", placement.n_layers)),
             context_length=context, has_chat_template=bool(tokenizer.chat_template),
-            eos_token_ids=_eos_ids(model, tokenizer))
+            eos_token_ids=_eos_ids(model, tokenizer),
+            quantize=quantized.label if quantized is not None else "none")
         progress(4, 4, f"{resolved.name} ready")
         return LoadedModel(model, tokenizer, info, placement, streamer, family=self)
 

@@ -38,6 +38,7 @@ from .backends import (
     DirectBackend,
     LayerWeights,
     MappedBackend,
+    compute_as,
     pin_layer,
 )
 from .mapped import MappedCheckpoint, OffloadError, TensorLocation, merged_ranges
@@ -104,6 +105,7 @@ class OffloadRuntime:
     checkpoint: MappedCheckpoint
     device: torch.device
     device_map: dict[str, str]  # module → "cuda:0" | "cpu" | "disk", as the runtime placed it
+    quantize: str = "none"  # the weights' scheme (model/quant.py), for the panels
 
     @property
     def stats(self) -> StreamStats:
@@ -119,6 +121,7 @@ class OffloadRuntime:
             "stream_gb_per_s": (s.bytes_per_token / step_s / 1e9) if step_s > 0 else 0.0,
             "reader_wait_s": round(s.wait_s, 4), "slots": s.slots,
             "release_behind": s.release_behind, "reader": s.reader,
+            "quantize": self.quantize,
         }
 
     def idle(self) -> None:
@@ -329,8 +332,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
             _set_tensor(model, {name: mapped}, name, checkpoint.view(key))
         if kept:
             view = checkpoint.view(key)
-            owned = torch.empty(view.shape, dtype=dtype if view.is_floating_point()
-                                else view.dtype, device=device)
+            owned = torch.empty(view.shape, dtype=compute_as(key, view.dtype, dtype),
+                                device=device)
             _set_tensor(model, {name: kept}, name, owned.copy_(view))
 
     units = []

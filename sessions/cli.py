@@ -164,7 +164,8 @@ def _replay(args: argparse.Namespace) -> int:
     session = SessionStore(config.sessions.path()).open(args.ref)
     _warn(session)
     replayer = Replayer(session, config, check=args.check, path_typed="model" in vars(args),
-                        dtype_typed="dtype" in vars(args), verbose=args.verbose)
+                        dtype_typed="dtype" in vars(args), verbose=args.verbose,
+                        quantize_typed="quantize" in vars(args) or "quant_group" in vars(args))
     report = replayer.run()
     if not args.check:
         return 0

@@ -126,8 +126,9 @@ class SessionRecorder:
             self.session = self.store.new_session(model, summary, path=path)
             return
         current = session.latest_model()
-        if (current.source, current.digest, current.dtype, current.backend) != (
-                model.source, model.digest, model.dtype, model.backend):
+        if (current.source, current.digest, current.dtype, current.backend,
+                current.quantize) != (model.source, model.digest, model.dtype, model.backend,
+                                      model.quantize):
             self._write(ModelChanged(new_event_id("m"), utc_now(), model, summary))
 
     def new(self) -> None:

@@ -56,7 +56,8 @@ class BadRecord(ValueError):
 def model_record(info: ModelInfo) -> ModelRecord:
     return ModelRecord(name=info.name, source=info.source, digest=info.digest, dtype=info.dtype,
                        architecture=info.architecture, n_params=info.n_params,
-                       context_length=info.context_length, backend=info.backend)
+                       context_length=info.context_length, quantize=info.quantize,
+                       backend=info.backend)
 
 
 def placement_summary(placement: Placement) -> PlacementSummary:
@@ -168,6 +169,7 @@ def _model_from(record: Any) -> ModelRecord:
         architecture=_get(record, "architecture", str, ""),
         n_params=_get(record, "n_params", int, 0),
         context_length=_get(record, "context_length", int, 0),
+        quantize=_get(record, "quantize", str, "none"),
         backend=_get(record, "backend", str, ""))
 
 

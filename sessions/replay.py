@@ -136,12 +136,16 @@ def compare(label: str, turn: AssistantTurn, result: GenerationResult) -> str:
 
 
 def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
-               dtype_typed: bool) -> ModelSpec:
-    """The recorded model and dtype, placed the way this machine's config says; a --model or
-    --dtype typed on the command line wins."""
+               dtype_typed: bool, quantize_typed: bool = False) -> ModelSpec:
+    """The recorded model, dtype and weight scheme, placed the way this machine's config says;
+    a --model, --dtype or --quantize typed on the command line wins."""
     spec = config.model.spec()
     path = spec.path if path_typed else recorded.source
     dtype = spec.dtype if dtype_typed else recorded.dtype
+    scheme, group = spec.quantize, spec.quant_group
+    if not quantize_typed:  # "int4-g32" → ("int4", 32)
+        scheme, _, rest = recorded.quantize.partition("-g")
+        group = int(rest) if rest.isdigit() else spec.quant_group
     if path != "default" and not Path(path).expanduser().exists():
         raise UsageError(f"the session's model {path} is not there; pass --model PATH to "
                          "replay with a copy of it")
@@ -149,15 +153,17 @@ def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
                      cpu_memory=spec.cpu_memory, offload_dir=spec.offload_dir,
                      offload_runtime=spec.offload_runtime,
                      offload_reader=spec.offload_reader, threads=spec.threads,
-                     tokenizer=spec.tokenizer, num_heads=spec.num_heads)
+                     tokenizer=spec.tokenizer, num_heads=spec.num_heads,
+                     quantize=scheme, quant_group=group)
 
 
 class Replayer:
     def __init__(self, session: Session, config: Config, *, check: bool, path_typed: bool = False,
                  dtype_typed: bool = False, verbose: bool = False, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> None:
+                 err: TextIO = sys.stderr, quantize_typed: bool = False) -> None:
         self.session, self.config, self.check, self.verbose = session, config, check, verbose
         self.path_typed, self.dtype_typed = path_typed, dtype_typed
+        self.quantize_typed = quantize_typed
         self.out, self.err = out, err
         self.client: Backend | None = None
         self._loaded_spec: ModelSpec | None = None
@@ -214,7 +220,8 @@ class Replayer:
             spec = dataclasses.replace(spec, path=spec.path if self.path_typed
                                        else recorded.source)
         else:
-            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
+            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed,
+                              self.quantize_typed)
         if spec == self._loaded_spec:
             return
         self.say(f"loading {recorded.name or spec.path} ({spec.path}, {spec.dtype})")

@@ -349,8 +349,9 @@ def loaded_line(event: Loaded, backend: Backend) -> str:
         return f"{event.info.name} · {describe(backend)}"
     tiers = ", ".join(f"{n} on {t}" for t, n in sorted(event.placement.layers_per_tier.items()))
     where = f" · {describe(backend)}" if event.info.backend else ""
+    weights = f", {event.info.quantize}" if event.info.quantize != "none" else ""
     return (f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
-            f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}){where}")
+            f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}{weights}){where}")
 
 
 def run_plain(config: Config, args: argparse.Namespace, **kwargs: Any) -> int:

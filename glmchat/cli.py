@@ -22,6 +22,7 @@ from glmchat import __version__
 from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import STRATEGIES
+from glmchat.usage import Parser
 
 SUBCOMMANDS = ("replay", "sessions", "bench")
 
@@ -98,7 +99,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "

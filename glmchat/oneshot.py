@@ -75,6 +75,11 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
     recorder = open_recorder(config, args, oneshot=True)
     for note in recorder.notes if recorder is not None else []:
         print(f"glmchat: warning: {note}", file=sys.stderr)
+    if recorder is not None:
+        # A write that fails later (disk full, size limit): said at once, the replies still
+        # come, and the exit code is 1.
+        recorder.on_save_error = lambda why: print(
+            f"glmchat: error: {why}; this exchange was not saved", file=sys.stderr, flush=True)
     client = EngineClient()
     gen_id: str | None = None
     try:
@@ -134,9 +139,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                         print(f"glmchat: {stats_line(result)}"
                               + (f" {streaming}" if streaming else ""), file=sys.stderr)
             gen_id = None
-        if verbose and recorder is not None and recorder.path is not None:
+        if verbose and recorder is not None and recorder.path is not None \
+                and not recorder.save_error:
             print(f"glmchat: saved to {recorder.path}", file=sys.stderr)
-        return 0
+        return 1 if recorder is not None and recorder.save_error else 0
     except KeyboardInterrupt:
         if gen_id is not None and client.alive:
             with contextlib.suppress(GlmchatError, KeyboardInterrupt):

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from glmchat.tui import commands
 from glmchat.tui.chat_core import ChatCore, Options
+from glmchat.tui.conversation import Conversation
 from glmchat.tui.format import stats_line
 from glmchat.tui.widgets.key_bar import KeyBar
 from glmchat.tui.widgets.prompt import PromptEditor
@@ -25,6 +26,7 @@ from textual.screen import ModalScreen
 from textual.widgets import TextArea
 
 from glmchat.config import Config
+from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
 
 __all__ = ["GlmchatApp", "Options", "make_app", "run_tui"]  # Options: for the tests
@@ -58,7 +60,9 @@ class GlmchatApp(ChatCore):
         yield KeyBar(id="keys")
 
     async def on_mount(self) -> None:
-        self.conversation.on_warning = lambda text: self.notify(text, severity="warning")
+        # Said in the transcript, where it happened (a session that could not be saved).
+        self.conversation.on_warning = lambda text: self.call_later(
+            self.transcript.add_notice, text, "error")
         self.panel.show_settings(self.params)
         self.editor.focus()
         await self._show_resumed()
@@ -281,8 +285,20 @@ class GlmchatApp(ChatCore):
             await self.action_quit()
         elif action == "beams":
             self.action_beams()
+        elif action == "save":
+            await self.transcript.add_notice(*save_conversation(self.conversation, outcome.text))
         else:
             await self.run_action(action)  # clear, settings, help
+
+
+def save_conversation(conversation: Conversation, path: str) -> tuple[str, str]:
+    """/save PATH: (what to say, notice style)."""
+    if conversation.save_as is None:
+        return "this conversation is not recorded, so there is nothing to save", "error"
+    try:
+        return conversation.save_as(path), "info"
+    except GlmchatError as exc:
+        return f"not saved: {exc}", "error"
 
 
 def _warm_markdown() -> None:

@@ -251,6 +251,15 @@ class PlainRepl:
                 self.say(str(exc), "error")
                 return True
             self.say(f"continuing with beam {number}:\n{turn.content}")
+        elif action == "save":
+            if self.conversation.save_as is None:
+                self.say("this conversation is not recorded, so there is nothing to save",
+                         "error")
+                return True
+            try:
+                self.say(self.conversation.save_as(outcome.text), "dim")
+            except GlmchatError as exc:
+                self.say(f"not saved: {exc}", "error")
         elif action == "restart":
             self.ensure_ready()  # a load under way finishes first
             self.client.close()

@@ -90,6 +90,8 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 print(f"glmchat: [{event.done}/{event.total}] {event.what}", file=sys.stderr)
             elif isinstance(event, Loaded):
                 model_name = event.info.name
+                for note in event.placement.notes:
+                    print(f"glmchat: note: {note}", file=sys.stderr)
                 if recorder is not None:
                     recorder.start(event.info, event.placement)
                 if verbose:

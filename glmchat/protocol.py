@@ -60,6 +60,7 @@ class Placement:
     n_layers: int
     runtime: str  # "resident" | "accelerate" | "glmchat"
     gpu_available: bool
+    notes: list[str] = field(default_factory=list)  # for the user: a runtime fallen back from
 
 
 @dataclass

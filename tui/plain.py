@@ -129,6 +129,8 @@ class PlainRepl:
                                   sorted(event.placement.layers_per_tier.items()))
                 self.say(f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
                          f"{human_bytes(sum(event.placement.bytes_per_tier.values()))})", "dim")
+                for note in event.placement.notes:
+                    self.say(f"note: {note}", "dim")
                 self.conversation.set_model(event)
         self.loader = None
         if self.load_error is not None:

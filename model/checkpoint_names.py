@@ -41,7 +41,10 @@ def checkpoint_names(model: nn.Module, checkpoint_keys: Iterable[str]) -> dict[s
     except ImportError as exc:  # another transformers: its loader API moved
         raise NotStreamable(f"this transformers has no key-renaming API ({exc})") from None
 
-    transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    from transformers import PreTrainedModel
+
+    transforms = (get_model_conversion_mapping(model) if isinstance(model, PreTrainedModel)
+                  else [])
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None) or None

@@ -61,8 +61,7 @@ class GlmchatApp(ChatCore):
 
     async def on_mount(self) -> None:
         # Said in the transcript, where it happened (a session that could not be saved).
-        self.conversation.on_warning = lambda text: self.call_later(
-            self.transcript.add_notice, text, "error")
+        self.conversation.on_warning = self._warn_in_transcript
         self.panel.show_settings(self.params)
         self.editor.focus()
         await self._show_resumed()
@@ -81,6 +80,9 @@ class GlmchatApp(ChatCore):
                                    else "(from the saved session)")
         for note in self.conversation.notes:
             await self.transcript.add_notice(note, "error")
+
+    def _warn_in_transcript(self, text: str) -> None:
+        self.call_later(self.transcript.add_notice, text, "error")
 
     def _start_engine(self) -> None:
         self.load_started = time.monotonic()

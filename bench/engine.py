@@ -96,7 +96,7 @@ def start_to_first_token(runs: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="glmchat bench engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")

@@ -149,7 +149,7 @@ def default_tokenizer_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="glmchat bench make-model",
-                                     description=__doc__.splitlines()[0])
+                    description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory to write the model to")
     parser.add_argument("--params", default="1.1B",
                         help=f"a preset ({', '.join(PRESETS)}) or a count like 2B")

@@ -63,7 +63,7 @@ class Run:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="glmchat bench offload",
-                                     description=__doc__.splitlines()[0])
+                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model directory (or 'default')")
     parser.add_argument("--cpu-memory", type=float, required=True, metavar="GIB")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB")

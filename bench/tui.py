@@ -138,7 +138,7 @@ def summary(latencies: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="glmchat bench tui", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="first-paint runs")
     parser.add_argument("--keys", type=int, default=20, help="key presses while streaming")
     parser.add_argument("--threads", type=int, default=0,

@@ -22,17 +22,34 @@ from glmchat.sessions.recorder import open_recorder
 from glmchat.tui.format import streaming_summary
 
 
+def _read_stdin(stdin: TextIO) -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a usage error that says where."""
+    try:
+        text = stdin.read()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"stdin is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}); pipe UTF-8 text") from None
+    try:
+        text.encode("utf-8")  # undecodable bytes arrive as surrogates (surrogateescape)
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        raise UsageError(f"stdin is not UTF-8 text (line {line}, character "
+                         f"{exc.start - text.rfind(chr(10), 0, exc.start)}); pipe UTF-8 "
+                         "text") from None
+    return text
+
+
 def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[str]:
     if args.each_line:
         if prompt:
             raise UsageError("--each-line reads prompts from stdin; drop the prompt argument")
-        prompts = [line.rstrip("\r\n") for line in stdin]
+        prompts = [line.rstrip("\r") for line in _read_stdin(stdin).split("\n")]
         prompts = [p for p in prompts if p.strip()]
         if not prompts:
             raise UsageError("--each-line got no non-blank lines on stdin")
         return prompts
     if not prompt:
-        prompt = stdin.read()
+        prompt = _read_stdin(stdin)
         # `echo q | glmchat` must answer like `glmchat q`: the newline is the shell's, not
         # the user's. Raw continuation keeps inner whitespace, chat trims both ends.
         prompt = prompt.removesuffix("\n") if args.raw else prompt.strip()

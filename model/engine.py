@@ -46,6 +46,7 @@ from .textstream import TextStream, drain, stop_index
 Emit = Callable[[Event], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_EVERY_S = 0.5
+MAX_CHARS_PER_TOKEN = 64  # more characters than this per token of context cannot fit
 
 
 def _pick_dtype(spec_dtype: str, config: Any) -> torch.dtype:
@@ -245,6 +246,11 @@ class Engine:
         # ---- end of infill hook
         params = request.params.validate()
         model, tokenizer, info = self.loaded.model, self.loaded.tokenizer, self.loaded.info
+        characters = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        if characters > info.context_length * MAX_CHARS_PER_TOKEN:
+            # Far too long whatever the tokenizer does: say so now, not after tokenizing it.
+            raise UsageError(f"the prompt is {characters} characters, far more than the "
+                             f"{info.context_length} tokens {info.name} reads; shorten it")
         prompt = self.prompt_ids(request)
         room = info.context_length - len(prompt)
         if room <= 0:

@@ -45,7 +45,7 @@ def _store(args: argparse.Namespace) -> SessionStore:
 
 def sessions_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="glmchat sessions",
-                                     description="List, show, export and remove saved sessions.")
+                    description="List, show, export and remove saved sessions.")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="config file to use instead of the user's config.toml")
     commands = parser.add_subparsers(dest="command", metavar="{list,show,export,rm}")

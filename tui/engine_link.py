@@ -17,7 +17,7 @@ from glmchat import paths
 from glmchat.client import EngineClient
 from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Event, Load, ModelSpec
+from glmchat.protocol import ChatMessage, Event, Load, ModelSpec, Shutdown
 
 BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per repaint
 
@@ -125,9 +125,18 @@ class EngineLink:
     def stop_reading(self) -> None:
         self._stop.set()
 
-    def close(self) -> None:
-        """Stop reading and, if the app owns the worker, shut it down (blocks up to seconds)."""
+    def shutdown_soon(self) -> None:
+        """Stop reading and, if the app owns the worker, ask it to shut down; never blocks, so
+        the app can give the terminal back at once (``close`` then reaps the worker)."""
+        self._stop.set()
+        if self.owned and self.client.alive:
+            with contextlib.suppress(GlmchatError):
+                self.client.send(Shutdown())
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop reading and, if the app owns the worker, shut it down: ``timeout`` seconds to
+        go by itself, then it is terminated."""
         self._stop.set()
         if self.owned:
-            self.client.close(timeout=3.0)
+            self.client.close(timeout=timeout)
 

@@ -13,6 +13,7 @@ import contextlib
 import queue
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from glmchat.tui import commands
@@ -31,6 +32,7 @@ from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import (
     Event,
+    Failed,
     Finished,
     GenerationResult,
     Loaded,
@@ -38,6 +40,8 @@ from glmchat.protocol import (
     StepStats,
     Token,
 )
+
+STOP_GRACE_S = 5.0  # after Ctrl+C: how long the worker has to stop the reply
 
 
 class PlainRepl:
@@ -64,6 +68,7 @@ class PlainRepl:
             history=history, multiline=True, key_bindings=key_bindings(), input=input,
             output=output, prompt_continuation=lambda width, line, wrap: "... ".rjust(width))
         self.interrupts = 0  # Ctrl+C presses in a row at the prompt
+        self.worker_stuck = False  # it did not stop a reply: replaced before the next one
         self.loader: threading.Thread | None = None
         self.load_events: queue.Queue[Event] = queue.Queue()
         self.load_error: Exception | None = None
@@ -110,6 +115,9 @@ class PlainRepl:
 
     def ensure_ready(self) -> None:
         """Wait for the model (printing the load's progress); restart a dead worker first."""
+        if self.worker_stuck and self.loader is None:
+            self.worker_stuck = False
+            self.client.close(timeout=1.0)
         if self.loader is None:
             if self.client.alive and self.client.loaded is not None:
                 return
@@ -192,16 +200,25 @@ class PlainRepl:
             except KeyboardInterrupt:
                 self.client.cancel(gen_id)
                 self.interrupts = 1  # a second Ctrl+C at the prompt leaves
+                deadline = time.monotonic() + STOP_GRACE_S
                 try:
-                    for event in self.client.stream(gen_id):
-                        if isinstance(event, Finished) and event.id == gen_id:
+                    while (late := self.client.recv(max(0.0, deadline - time.monotonic()))):
+                        if isinstance(late, Failed) and late.id in (gen_id, None):
+                            raise (UsageError if late.usage else GlmchatError)(late.error)
+                        if isinstance(late, Finished) and late.id == gen_id:
                             if provisional:
                                 self.write("\r\x1b[2K" if self.color else "")
-                                self.write(event.result.text)
-                            return event.result.text, event.result
+                                self.write(late.result.text)
+                            return late.result.text, late.result
                 except KeyboardInterrupt:
                     self.write("\n")
                     return text, None  # stop waiting; the worker's late events are skipped
+                if self.client.alive:  # it did not stop within the grace: stuck
+                    self.write("\n")
+                    self.say("(the worker did not stop the reply; the next prompt restarts it)",
+                             "dim")
+                    self.worker_stuck = True
+                return text, None
         except GlmchatError as exc:
             self.write("\n")
             crashed = not self.client.alive

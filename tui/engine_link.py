@@ -5,6 +5,7 @@ thread worker and posts them to the app in batches. It never touches a widget; t
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -23,9 +24,15 @@ BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per 
 
 
 def worker_log_path() -> str:
-    """Where the worker's stderr goes while the TUI owns the terminal."""
+    """Where the worker's stderr goes while the TUI owns the terminal: the cache dir's
+    worker.log, or nowhere when that cannot be written (a log must not stop the chat)."""
     log = paths.cache_dir() / "worker.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8"):
+            pass
+    except OSError:
+        return os.devnull
     return str(log)
 
 

@@ -14,6 +14,8 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TextIO
 
 from glmchat.tui import commands
@@ -44,6 +46,38 @@ from glmchat.protocol import (
 STOP_GRACE_S = 5.0  # after Ctrl+C: how long the worker has to stop the reply
 
 
+class SafeFileHistory(FileHistory):
+    """prompt_toolkit's FileHistory, except that a history file that cannot be read or written
+    (a directory, a full disk) costs the history, not the chat: said once, then in memory."""
+
+    def __init__(self, path: Path, repl: PlainRepl) -> None:
+        super().__init__(str(path))
+        self.path, self.repl, self.failed = path, repl, False
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            self.repl.say(f"the prompt history {self.path} cannot be used "
+                          f"({exc.strerror or exc}); history is kept for this run only",
+                          "error")
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return list(super().load_history_strings())
+        except OSError as exc:
+            self._failed(exc)
+            return []
+
+    def store_string(self, string: str) -> None:
+        if self.failed:
+            return
+        try:
+            super().store_string(string)
+        except OSError as exc:
+            self._failed(exc)
+
+
 class PlainRepl:
     """The REPL loop. ``input``/``output`` (prompt_toolkit) and ``out`` are injectable for
     tests; ``client`` borrows a running worker instead of starting one."""
@@ -62,8 +96,7 @@ class PlainRepl:
         self.out = out or sys.stdout
         self.color = self.out.isatty()
         if history is None:
-            paths.history_file().parent.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(paths.history_file()))
+            history = SafeFileHistory(paths.history_file(), self)
         self.session: PromptSession[str] = PromptSession(
             history=history, multiline=True, key_bindings=key_bindings(), input=input,
             output=output, prompt_continuation=lambda width, line, wrap: "... ".rjust(width))

@@ -207,3 +207,53 @@ def read_only_mount(where: Path) -> Iterator[Callable[[], None]]:
         yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+class Screen:
+    """`glmchat` in a pseudo-terminal (the TUI, the plain REPL), tagged like ``Live``."""
+
+    ALT_SCREEN_OFF = "\x1b[?1049l"  # the full-screen app handing the terminal back
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import pty
+
+        from glmchat.bench.tui import COLUMNS, LINES, Terminal
+
+        self.tag = secrets.token_hex(6)
+        saved = dict(os.environ)
+        os.environ.update(_env(self.tag, env))
+        try:
+            self.terminal = Terminal([sys.executable, "-m", "glmchat", *args])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        del pty, COLUMNS, LINES
+        self.proc = self.terminal.process
+
+    def wait_for(self, text: str, timeout: float = 240, since: int = 0) -> float:
+        try:
+            return self.terminal.wait_for(text, timeout, since)
+        except TimeoutError:
+            raise AssertionError(f"{text!r} never appeared; the screen said:\n"
+                                 f"{self.terminal.output[-3000:]}") from None
+
+    def send(self, keys: str) -> None:
+        self.terminal.send(keys)
+
+    @property
+    def output(self) -> str:
+        return self.terminal.output
+
+    def finish(self, timeout: float = 30) -> int:
+        """Wait for the process to exit (reading the screen meanwhile); no process left."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.terminal.read(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            raise AssertionError(f"glmchat did not exit within {timeout} s:\n"
+                                 f"{self.output[-2000:]}")
+        with contextlib.suppress(OSError):
+            os.close(self.terminal.master)
+        assert_none_left(self.tag)
+        return self.proc.returncode

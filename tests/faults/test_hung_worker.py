@@ -5,6 +5,7 @@ Shutdown, as a forward stuck in a kernel would."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 from tests.faults.cases import fault
@@ -56,11 +57,19 @@ def test_tui_quit_mid_reply_is_immediate() -> None:
        "/quit leaves, the stuck worker is terminated, exit 0", "the conversation")
 def test_plain_stop_and_quit_with_a_hung_worker() -> None:
     screen = Screen("--plain", "--no-save", "--max-new-tokens", "50", env=HANG)
-    screen.wait_for("> ", timeout=60)
-    screen.send("Tell me about the sea.\r")  # waits for the model, then replies
+    screen.wait_for("Ctrl+D leaves", timeout=60)
+    time.sleep(0.5)  # the prompt is up
+    screen.send("Tell me about the sea.")
+    time.sleep(0.3)
+    screen.send("\r")  # waits for the model, then replies
     screen.wait_for("loaded in", timeout=180)
     time.sleep(HUNG_BY_S)  # the reply began, and is stuck by now
-    screen.send("\x03")  # Ctrl+C: stop
+    # Ctrl+C: what the terminal sends the foreground process (this pty is not the child's
+    # controlling terminal, so the test sends the signal itself).
+    screen.proc.send_signal(signal.SIGINT)
     screen.wait_for("did not stop", timeout=30)
-    screen.send("/quit\r")
+    time.sleep(0.5)  # the prompt is back
+    screen.send("/quit")
+    time.sleep(0.3)  # typed, not pasted (a paste keeps its newline)
+    screen.send("\r")
     assert screen.finish() == 0

@@ -81,13 +81,15 @@ def test_config_file_unreadable(tmp_path: Path) -> None:
 
 
 @fault("`/save PATH` to a file that exists, or into a missing directory",
-       "`not saved: …` in place; the chat goes on", "the existing file, unchanged")
+       "refused (`… exists already`, `… does not exist`); a new path gets the whole "
+       "conversation, written to a temporary file and renamed", "the existing file, unchanged")
 def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
     # The command's rules are the recorder's; this drives them without a terminal.
+    from glmchat.sessions.recorder import open_recorder
+
     from glmchat.cli import build_parser
     from glmchat.config import Config
     from glmchat.errors import GlmchatError
-    from glmchat.sessions.recorder import open_recorder
 
     args = build_parser().parse_args(["--no-save"])
     recorder = open_recorder(Config(), args)

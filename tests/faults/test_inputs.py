@@ -100,3 +100,38 @@ def test_two_appenders(tmp_path: Path) -> None:
     for name in ("left", "right"):
         assert [c.split()[1] for c in contents if c.startswith(name)] == \
             [str(i) for i in range(150)]
+
+
+@fault("a bad flag (`--temperature x`)",
+       "two lines: `glmchat: error: argument --temperature: …` and `see glmchat --help`, exit 2",
+       "—")
+def test_usage_error_is_one_line() -> None:
+    run = glmchat("--temperature", "x", "hi")
+    assert_reported(run, 2, "--temperature")
+    assert run.stderr.splitlines() == [
+        "glmchat: error: argument --temperature: invalid float value: 'x'",
+        "see glmchat --help"]
+    sub = glmchat("sessions", "show")
+    assert_reported(sub, 2)
+    assert sub.stderr.splitlines()[-1] == "see glmchat sessions show --help"
+    assert len(sub.stderr.splitlines()) == 2
+
+
+@fault("a saved reply's text edited by hand, then `replay --check`",
+       "a divergence: `the reply's text diverges at character N: the recorded text is not what "
+       "the recorded tokens decode to`, exit 1", "the session file, untouched")
+def test_replay_check_catches_an_edited_text(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    made = glmchat("--session", str(path), *SMALL, "Name a colour.")
+    assert_reported(made, 0)
+    lines = path.read_text().splitlines()
+    reply = json.loads(lines[-1])
+    assert reply["type"] == "assistant" and reply["text"]
+    reply["text"] = "Edited: " + reply["text"]  # the token ids stay as they were
+    path.write_text("\n".join([*lines[:-1], json.dumps(reply)]) + "\n")
+    before = path.read_bytes()
+    run = glmchat("replay", str(path), "--check")
+    assert_reported(run, 1, "differ from the recording", error_line=False)  # a finding
+    assert "text diverges at character 0" in run.stdout
+    assert "recorded tokens decode to" in run.stdout
+    assert path.read_bytes() == before

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+from glmchat.tui.app import Options, make_app
+
+from glmchat.client import EngineClient
 from tests.faults.cases import fault
 from tests.faults.harness import (
     SMALL,
@@ -112,3 +116,43 @@ def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
     saved = recorder.save_as(tmp_path / "kept.jsonl")
     assert_readable(saved, events_at_least=1)
     assert json.loads(saved.read_text().splitlines()[1])["content"] == "Name a colour."
+
+
+@fault("TUI: the session file becomes unwritable mid-chat (replaced by a directory)",
+       "`The session could not be saved: … /save PATH writes it to another file` in the "
+       "transcript; the chat goes on; `/save PATH` writes everything there",
+       "the whole conversation, in memory and then in PATH")
+def test_tui_save_fails_mid_chat_then_save_elsewhere(client: EngineClient,
+                                                     tmp_path: Path) -> None:
+    from glmchat.cli import build_parser
+    from glmchat.config import Config, SessionsConfig
+    from glmchat.params import GenerationParams
+    from tests.tui.test_tui_functional import SIZE, notices, reply_done, send, wait_for
+
+    config = Config(generation=GenerationParams(max_new_tokens=4),
+                    sessions=SessionsConfig(dir=str(tmp_path / "sessions")))
+    app = make_app(config, Options(client=client, history=False,
+                                   args=build_parser().parse_args([])))
+    elsewhere = tmp_path / "elsewhere.jsonl"
+
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.phase == "ready", "the model")
+            await send(app, pilot, "Name a colour.")
+            await reply_done(app, pilot)
+            [saved] = (tmp_path / "sessions").glob("*.jsonl")
+            saved.unlink()
+            saved.mkdir()  # the fault: every later append fails
+            await send(app, pilot, "Name a fruit.")
+            await reply_done(app, pilot)
+            await wait_for(pilot, lambda: any("could not be saved" in n
+                                              for n in notices(app, "error")), "the warning")
+            assert len(app.conversation.turns) == 4
+            await send(app, pilot, f"/save {elsewhere}")
+            await wait_for(pilot, lambda: any("saved to" in n for n in notices(app)),
+                           "/save's answer")
+
+    asyncio.run(main())
+    session = assert_readable(elsewhere, events_at_least=4)
+    assert [t.content for t in session.user_turns()] == ["Name a colour.", "Name a fruit."]
+    assert len(session.assistant_turns()) == 2

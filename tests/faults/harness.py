@@ -115,6 +115,7 @@ class Live:
         deadline = time.monotonic() + timeout
         while len(self.out) < chars:
             if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()  # a failing test leaves nothing running either
                 raise AssertionError(f"no reply on stdout: {self.finish(5)}")
             self._read(0.05)
 
@@ -232,8 +233,17 @@ class Screen:
         try:
             return self.terminal.wait_for(text, timeout, since)
         except TimeoutError:
+            self.kill()  # a failing test leaves nothing running either
             raise AssertionError(f"{text!r} never appeared; the screen said:\n"
                                  f"{self.terminal.output[-3000:]}") from None
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.proc.wait(10)
+        for pid in tagged_processes(self.tag):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def send(self, keys: str) -> None:
         self.terminal.send(keys)
@@ -248,7 +258,7 @@ class Screen:
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.terminal.read(0.05)
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.kill()
             raise AssertionError(f"glmchat did not exit within {timeout} s:\n"
                                  f"{self.output[-2000:]}")
         with contextlib.suppress(OSError):

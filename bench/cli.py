@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "tui": "glmchat.bench.tui",
     "make-model": "glmchat.bench.make_model",
     "offload": "glmchat.bench.offload",
+    "serve": "glmchat.bench.serve",
+    "serve-load": "glmchat.bench.serve_load",
+    "glm": "glmchat.bench.glm",
 }
 
 

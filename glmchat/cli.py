@@ -6,6 +6,8 @@
     glmchat replay FILE          regenerate a saved session (--check compares token ids)
     glmchat sessions …           list, show, export, remove saved sessions
     glmchat bench …              benchmarks
+    glmchat serve                load the model once, serve it over HTTP (glmchat/serve.py)
+    glmchat convert DIR          convert a GLM-130B checkpoint once (--out OUT)
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ from typing import Any
 from glmchat import __version__
 from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
 from glmchat.errors import GlmchatError, UsageError
-from glmchat.params import STRATEGIES
+from glmchat.params import BEAM_SCORERS, STRATEGIES
 from glmchat.usage import Parser
 
-SUBCOMMANDS = ("replay", "sessions", "bench")
+SUBCOMMANDS = ("replay", "sessions", "bench", "serve", "convert")
 
 # flag dest → (config section, key)
 MODEL_FLAGS = {
     "model": "path", "dtype": "dtype", "gpu_memory": "gpu_memory", "cpu_memory": "cpu_memory",
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
+    "tokenizer": "tokenizer", "num_heads": "num_heads",
 }
+# flag dest → [backend] key
+BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key",
+                 "ca_file": "ca_file"}
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
     "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-    "early_stopping", "stop", "system_prompt",
+    "early_stopping", "stop", "system_prompt", "beam_scorer",
 )
 
 
@@ -74,6 +80,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
+    g.add_argument("--tokenizer", default=s, metavar="FILE",
+                   help="GLM-130B: its ice_text.model (else the checkpoint dir, "
+                        "~/.icetk_models)")
+    g.add_argument("--num-heads", type=int, default=s, metavar="N",
+                   help="GLM-130B: attention heads (0 = from the checkpoint)")
+
+
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("backend (who generates)")
+    s = argparse.SUPPRESS
+    g.add_argument("--backend", default=s, metavar="URL",
+                   help="a glmchat serve or OpenAI-compatible server (vLLM, SGLang, llama.cpp, "
+                        "Ollama, …), e.g. http://host:8000/v1; 'local' = the local worker")
+    g.add_argument("--backend-model", default=s, metavar="NAME",
+                   help="the server's model id (default: the one it serves)")
+    g.add_argument("--api-key", default=s, metavar="env:VAR|file:PATH",
+                   help="where the server's API key is (default: $GLMCHAT_API_KEY)")
+    g.add_argument("--ca-file", default=s, metavar="FILE",
+                   help="PEM bundle to verify the server's TLS certificate with")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +123,9 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop when the reply contains TEXT (repeatable)")
     g.add_argument("--system", dest="system_prompt", default=s, metavar="TEXT",
                    help="system prompt for chat models")
+    g.add_argument("--beam-scorer", choices=BEAM_SCORERS, default=s,
+                   help="beam search scoring: transformers' or GLM-130B's (auto = the "
+                        "model's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
-               "[list|show|export|rm] · glmchat bench [engine|offload|make-model]. "
+               "[list|show|export|rm] · glmchat bench [engine|offload|make-model] · "
+               "glmchat serve [--port N] · "
+               "glmchat convert DIR [--out OUT] (GLM-130B checkpoint, once). "
                "A prompt that is a subcommand's name goes after --.",
     )
     parser.add_argument("prompt", nargs="*", help="one-shot prompt (else read stdin if piped)")
@@ -127,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", metavar="ID|FILE", help="continue a saved conversation")
     out.add_argument("--no-save", action="store_true", help="do not save this conversation")
     add_model_flags(parser)
+    add_backend_flags(parser)
     add_generation_flags(parser)
     return parser
 
@@ -141,6 +172,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["model"] = model
     if generation:
         out["generation"] = generation
+    backend = {key: given[dest] for dest, key in BACKEND_FLAGS.items() if dest in given}
+    if backend:
+        out["backend"] = backend
     return out
 
 
@@ -151,6 +185,8 @@ def config_from(args: argparse.Namespace) -> Config:
 def check_model_path(config: Config) -> None:
     """Cheap checks in the front end, so a typo fails before the worker starts."""
     path = config.model.path
+    if config.backend.url not in ("", "local"):
+        return  # the server has the model
     if path != "default" and not Path(path).expanduser().exists():
         raise UsageError(f"model path {path} does not exist; pass a model directory, a .gguf "
                          "file, or 'default'")
@@ -225,10 +261,18 @@ def _interactive(config: Config, args: argparse.Namespace) -> int:
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
+    if name == "convert":
+        from glmchat.convert import convert_main
+
+        return convert_main(argv)
     if name == "bench":
         from glmchat.bench.cli import main as bench_main
 
         return bench_main(argv)
+    if name == "serve":
+        from glmchat.serve import serve_main
+
+        return serve_main(argv)
     if name == "replay":
         from glmchat.sessions.cli import replay_main
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from glmchat import paths
+from glmchat.backend import BackendConfig, backend_problems
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams, param_problems
 from glmchat.protocol import ModelSpec
@@ -37,12 +38,15 @@ class ModelConfig:
     offload_runtime: str = "glmchat"
     offload_reader: str = "auto"
     threads: int = 0
+    tokenizer: str = ""
+    num_heads: int = 0
 
     def spec(self) -> ModelSpec:
         return ModelSpec(path=self.path, dtype=self.dtype, gpu_memory=self.gpu_memory,
                          cpu_memory=self.cpu_memory, offload_dir=self.offload_dir,
                          offload_runtime=self.offload_runtime,
-                         offload_reader=self.offload_reader, threads=self.threads)
+                         offload_reader=self.offload_reader, threads=self.threads,
+                         tokenizer=self.tokenizer, num_heads=self.num_heads)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Config:
     generation: GenerationParams = field(default_factory=GenerationParams)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     files: list[Path] = field(default_factory=list)
 
 
@@ -116,6 +121,11 @@ def _model_problems(values: dict[str, Any]) -> list[str]:
         "threads": (isinstance(values.get("threads"), int)
                     and not isinstance(values.get("threads"), bool) and values["threads"] >= 0,
                     "use an integer >= 0 (0 = torch's default)"),
+        "tokenizer": (isinstance(values.get("tokenizer"), str), "use a file path"),
+        "num_heads": (isinstance(values.get("num_heads"), int)
+                      and not isinstance(values.get("num_heads"), bool)
+                      and values["num_heads"] >= 0,
+                      "use an integer >= 0 (0 = from the checkpoint)"),
     }
     for key, (ok, allowed) in checks.items():
         if key in values and not ok:
@@ -135,6 +145,8 @@ def _section_problems(section: str, values: dict[str, Any]) -> list[str]:
         if "save" in values and not isinstance(values["save"], bool):
             out.append(f"save = {values['save']!r} is invalid: use true or false")
         return out
+    if section == "backend":
+        return backend_problems(values)
     if section == "ui" and values.get("frontend", "tui") not in FRONTENDS:
         return [f"frontend = {values['frontend']!r} is invalid: use tui or plain"]
     return []
@@ -186,9 +198,12 @@ def load_config(config_file: Path | None = None,
             gpu_memory=None if m["gpu_memory"] == "auto" else float(m["gpu_memory"]),
             cpu_memory=None if m["cpu_memory"] == "auto" else float(m["cpu_memory"]),
             offload_dir=m["offload_dir"], offload_runtime=m["offload_runtime"],
-            offload_reader=m["offload_reader"], threads=m["threads"]),
+            offload_reader=m["offload_reader"], threads=m["threads"],
+            tokenizer=m["tokenizer"], num_heads=m["num_heads"]),
         generation=GenerationParams.from_dict(merged["generation"]),
         sessions=SessionsConfig(**merged["sessions"]),
         ui=UIConfig(**merged["ui"]),
+        backend=BackendConfig(**{**merged["backend"],
+                                 "timeout": float(merged["backend"]["timeout"])}),
         files=files,
     )

@@ -13,13 +13,13 @@ import json
 import sys
 from typing import Any, TextIO
 
-from glmchat.client import EngineClient
+from glmchat.backend import describe, make_backend
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.infill import ansi, has_masks
 from glmchat.protocol import Finished, GenerationResult, Loaded, LoadProgress, StepStats, Token
 from glmchat.sessions.recorder import open_recorder
-from glmchat.tui.format import streaming_summary
+from glmchat.tui.format import streaming_summary, token_count
 
 
 def _read_stdin(stdin: TextIO) -> str:
@@ -62,8 +62,8 @@ def result_json(prompt: str, result: GenerationResult, model: str) -> dict[str, 
     return {
         "prompt": prompt,
         "text": result.text,
-        "tokens": len(result.token_ids),
-        "token_ids": result.token_ids,
+        "tokens": token_count(result),
+        "token_ids": result.token_ids if result.token_ids or not result.text else None,
         "finish_reason": result.finish_reason,
         "strategy": result.strategy,
         "seed": result.seed,
@@ -78,8 +78,9 @@ def result_json(prompt: str, result: GenerationResult, model: str) -> dict[str, 
 
 def stats_line(result: GenerationResult) -> str:
     t = result.timings
-    return (f"[{len(result.token_ids)} tokens, {t.decode_tokens_per_s:.1f} tok/s decode, "
-            f"{t.prefill_tokens_per_s:.0f} tok/s prefill, TTFT {t.ttft_s:.2f}s, "
+    prefill = f"{t.prefill_tokens_per_s:.0f} tok/s" if t.prefill_tokens_per_s > 0 else "–"
+    return (f"[{token_count(result)} tokens, {t.decode_tokens_per_s:.1f} tok/s decode, "
+            f"{prefill} prefill, TTFT {t.ttft_s:.2f}s, "
             f"{result.strategy}, {result.finish_reason}]")
 
 
@@ -97,10 +98,12 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
         # come, and the exit code is 1.
         recorder.on_save_error = lambda why: print(
             f"glmchat: error: {why}; this exchange was not saved", file=sys.stderr, flush=True)
-    client = EngineClient()
+    client = make_backend(config, discover=True)
     gen_id: str | None = None
     try:
         client.start()
+        if verbose:
+            print(f"glmchat: backend: {describe(client)}", file=sys.stderr)
         model_name = config.model.path
         for event in client.load(config.model.spec()):
             if verbose and isinstance(event, LoadProgress):
@@ -111,7 +114,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                     print(f"glmchat: note: {note}", file=sys.stderr)
                 if recorder is not None:
                     recorder.start(event.info, event.placement)
-                if verbose:
+                if verbose and (event.placement.runtime == "remote" or event.info.backend):
+                    print(f"glmchat: {event.info.name} served by {event.info.backend}",
+                          file=sys.stderr)
+                elif verbose:
                     tiers = ", ".join(f"{n} on {t}" for t, n in
                                       sorted(event.placement.layers_per_tier.items()))
                     print(f"glmchat: loaded {event.info.name} in {event.load_s:.1f}s "

@@ -27,6 +27,8 @@ class ModelSpec:
     offload_runtime: str = "glmchat"
     offload_reader: str = "auto"  # glmchat runtime, CPU compute: "auto" | "mmap" | "direct"
     threads: int = 0
+    tokenizer: str = ""  # GLM-130B: ice_text.model; "" = the checkpoint dir, ~/.icetk_models
+    num_heads: int = 0  # GLM-130B: attention heads; 0 = from the checkpoint
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    backend: str = ""  # the server that generates (URL without credentials); "" = local
 
 
 @dataclass

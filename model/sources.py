@@ -197,7 +197,27 @@ def _resolve_gguf(gguf: Path, source: str, name: str) -> ResolvedModel:
     done = (target / CONVERTED_MARKER).is_file()
     if not done:
         check_gguf(gguf)  # a converted digest was a readable file; only new files are parsed
+    else:
+        add_architectures(target / "config.json")
     return ResolvedModel(source, name, target, digest, needs_conversion=not done, gguf_file=gguf)
+
+
+def add_architectures(config_file: Path) -> None:
+    """Give a copy converted before glmchat wrote ``architectures`` its model class name."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if config.get("architectures") or not isinstance(config.get("model_type"), str):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config["model_type"])
+    if isinstance(name, str):
+        config["architectures"] = [name]
+        tmp = config_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, config_file)
 
 
 def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
@@ -225,6 +245,8 @@ def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # dequantized: plain float weights now
+        # Other loaders (transformers serve, vLLM) pick the model class from this.
+        config.architectures = [type(loaded).__name__]
         config.save_pretrained(tmp)
         loaded.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from glmchat.cli import add_model_flags, config_from, guarded
+from glmchat.cli import add_backend_flags, add_model_flags, config_from, guarded
 from glmchat.errors import UsageError
 from glmchat.usage import Parser
 
@@ -154,6 +154,7 @@ def replay_parser() -> argparse.ArgumentParser:
                         help="config file to use instead of the user's config.toml")
     parser.add_argument("-v", "--verbose", action="store_true", help="model load progress")
     add_model_flags(parser)
+    add_backend_flags(parser)
     return parser
 
 

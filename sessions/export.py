@@ -63,7 +63,8 @@ def to_markdown(session: Session) -> str:
     lines = [f"# glmchat session {header.id}", "",
              f"- started: {header.created}",
              f"- model: {model.name} ({model.source}, {model.dtype}, digest "
-             f"{model.digest[:12] or 'unknown'})",
+             f"{model.digest[:12] or 'unknown'})"
+             + (f" served by {model.backend}" if model.backend else ""),
              f"- glmchat {header.glmchat_version}, session format {header.format_version}"]
     if header.placement is not None:
         tiers = ", ".join(f"{n} on {tier}" for tier, n in
@@ -127,7 +128,8 @@ def show_text(session: Session, width: int = 100) -> str:
     lines = [f"session  {header.id}", f"file     {session.path}",
              f"started  {header.created}",
              f"model    {model.name} ({model.source}, {model.dtype}, "
-             f"digest {model.digest[:12] or 'unknown'})",
+             f"digest {model.digest[:12] or 'unknown'})"
+             + (f" served by {model.backend}" if model.backend else ""),
              f"turns    {len(users)} prompts, {len(replies)} replies"]
     settings = session.settings()
     if settings:

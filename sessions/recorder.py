@@ -131,8 +131,8 @@ class SessionRecorder:
             self.session = self.store.new_session(model, summary, path=path)
             return
         current = session.latest_model()
-        if (current.source, current.digest, current.dtype) != (model.source, model.digest,
-                                                                 model.dtype):
+        if (current.source, current.digest, current.dtype, current.backend) != (
+                model.source, model.digest, model.dtype, model.backend):
             self._write(ModelChanged(new_event_id("m"), utc_now(), model, summary))
 
     def new(self) -> None:
@@ -368,7 +368,12 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
             check_writable(recorder._session().path)
     elif session_file is not None and session_file.is_file() and session_file.stat().st_size:
         recorder.resume(session_file)
-    if recorder.session is not None and "model" not in vars(args):
+    latest = recorder.session.latest_model() if recorder.session is not None else None
+    if latest is not None and latest.backend and not latest.digest and \
+            config.backend.url == "" and "backend" not in vars(args):
+        # A conversation with a server that names no weights continues with that server.
+        config.backend.url, config.backend.model = latest.backend, latest.source
+    elif recorder.session is not None and "model" not in vars(args):
         source = recorder.session.latest_model().source
         if source == "default" or Path(source).expanduser().exists():
             config.model.path = source

@@ -62,7 +62,7 @@ class BadRecord(ValueError):
 def model_record(info: ModelInfo) -> ModelRecord:
     return ModelRecord(name=info.name, source=info.source, digest=info.digest, dtype=info.dtype,
                        architecture=info.architecture, n_params=info.n_params,
-                       context_length=info.context_length)
+                       context_length=info.context_length, backend=info.backend)
 
 
 def placement_summary(placement: Placement) -> PlacementSummary:
@@ -173,7 +173,8 @@ def _model_from(record: Any) -> ModelRecord:
         digest=_get(record, "digest", str, ""), dtype=_get(record, "dtype", str, "auto"),
         architecture=_get(record, "architecture", str, ""),
         n_params=_get(record, "n_params", int, 0),
-        context_length=_get(record, "context_length", int, 0))
+        context_length=_get(record, "context_length", int, 0),
+        backend=_get(record, "backend", str, ""))
 
 
 def _placement_from(record: Any) -> PlacementSummary | None:

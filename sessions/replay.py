@@ -4,16 +4,24 @@ seed, and (with check) compare the token ids and the texts.
 Greedy and beam search are deterministic; sampling draws from a generator seeded with the
 recorded seed, so it repeats on the same machine and dtype. A reply stopped by the user is
 replayed up to the length it had; a beam search stopped midway cannot be, and is skipped.
+
+A session made with an OpenAI-compatible server replays against that server (its recorded
+URL) unless --backend names another; such a server cannot promise the same tokens (batching,
+kernels, its version) and may send no token ids: --check says so, and compares the text where
+it must. A session made with glmchat serve names its weights (source and digest), so it
+replays where those are: a running local glmchat serve of that model, else the local worker.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from glmchat.client import EngineClient
+from glmchat.backend import Backend, describe, exact_replay, is_local, make_backend
 from glmchat.config import Config
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams
@@ -92,9 +100,26 @@ def describe_divergence(label: str, what: str, recorded: list[int], replayed: li
     ])
 
 
+def compare_text(label: str, recorded: str, replayed: str) -> str:
+    """Empty when the texts are the same; else where they part."""
+    if recorded == replayed:
+        return ""
+    at = next((i for i, (x, y) in enumerate(zip(recorded, replayed, strict=False)) if x != y),
+              min(len(recorded), len(replayed)))
+    return "\n".join([
+        f"{label}: the reply's text diverges at character {at} (the server sends no token ids)",
+        f"  recorded text  {_text_around(recorded, at)}",
+        f"  replayed text  {_text_around(replayed, at)}",
+    ])
+
+
 def compare(label: str, turn: AssistantTurn, result: GenerationResult) -> str:
-    """Empty when the replayed reply has the recorded token ids; else the first divergence."""
-    if turn.prompt_token_ids and turn.prompt_token_ids != result.prompt_token_ids:
+    """Empty when the replayed reply has the recorded token ids; else the first divergence.
+    A server that sends no token ids is compared by text."""
+    if not result.token_ids and (result.text or turn.text):
+        return compare_text(label, turn.text, result.text)
+    if (turn.prompt_token_ids and result.prompt_token_ids
+            and turn.prompt_token_ids != result.prompt_token_ids):
         return describe_divergence(label, "the prompt tokens (chat template or tokenizer "
                                    "changed?)", turn.prompt_token_ids,
                                    result.prompt_token_ids, "", "")
@@ -143,7 +168,8 @@ def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
     return ModelSpec(path=path, dtype=dtype, gpu_memory=spec.gpu_memory,
                      cpu_memory=spec.cpu_memory, offload_dir=spec.offload_dir,
                      offload_runtime=spec.offload_runtime,
-                     offload_reader=spec.offload_reader, threads=spec.threads)
+                     offload_reader=spec.offload_reader, threads=spec.threads,
+                     tokenizer=spec.tokenizer, num_heads=spec.num_heads)
 
 
 class Replayer:
@@ -153,7 +179,7 @@ class Replayer:
         self.session, self.config, self.check, self.verbose = session, config, check, verbose
         self.path_typed, self.dtype_typed = path_typed, dtype_typed
         self.out, self.err = out, err
-        self.client = EngineClient()
+        self.client: Backend | None = None
         self._loaded_spec: ModelSpec | None = None
 
     def say(self, line: str) -> None:
@@ -165,7 +191,14 @@ class Replayer:
         self.say(f"replaying {len(replies)} replies from {self.session.path}")
         if not replies:
             return report
+        self.client = self._backend(self.session.model_for(replies[0].id)[0])
         self.client.start()
+        if self.verbose or not exact_replay(self.client):
+            self.say(f"backend: {describe(self.client)}")
+        if self.check and not exact_replay(self.client):
+            self.say("note: this server cannot guarantee identical tokens (its batching, "
+                     "kernels and version decide them); --check compares token ids where it "
+                     "sends them, else the text")
         try:
             for number, turn in enumerate(replies, start=1):
                 self._replay_one(number, turn, report)
@@ -173,9 +206,35 @@ class Replayer:
             self.client.close()
         return report
 
+    def _backend(self, recorded: ModelRecord) -> Backend:
+        """The configured server (--backend, [backend] url), else the recorded one, else the
+        local worker."""
+        config = self.config
+        if config.backend.url == "" and recorded.backend and not recorded.digest:
+            config = copy.deepcopy(config)
+            config.backend.url = recorded.backend
+            config.backend.model = config.backend.model or recorded.source
+        elif config.backend.url == "" and recorded.backend:
+            config = copy.deepcopy(config)
+            config.model.path = self.config.model.path if self.path_typed else recorded.source
+            return make_backend(config, discover=True)
+        return make_backend(config)
+
+    @property
+    def remote(self) -> bool:
+        return self.client is not None and not is_local(self.client)
+
     def _ensure_model(self, turn: AssistantTurn) -> None:
+        assert self.client is not None
         recorded, _ = self.session.model_for(turn.id)
-        spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
+        if self._loaded_spec is not None and self.remote:
+            return  # one server, one model
+        if self.remote:  # the server has its model: ask for the recorded one by name
+            spec = self.config.model.spec()
+            spec = dataclasses.replace(spec, path=spec.path if self.path_typed
+                                       else recorded.source)
+        else:
+            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
         if spec == self._loaded_spec:
             return
         self.say(f"loading {recorded.name or spec.path} ({spec.path}, {spec.dtype})")
@@ -197,17 +256,25 @@ class Replayer:
             print(f"── {label}: skipped, {params}", file=self.out, flush=True)
             return
         self._ensure_model(turn)
+        assert self.client is not None
         print(f"── {label}", file=self.out, flush=True)
         request = turn.request
         gen_id = self.client.generate(params, prompt=request.prompt,
                                       messages=list(request.messages), raw=request.raw)
         result: GenerationResult | None = None
-        for event in self.client.stream(gen_id):
-            if isinstance(event, Token) and not event.provisional:
-                self.out.write(event.text)
-                self.out.flush()
-            elif isinstance(event, Finished):
-                result = event.result
+        try:
+            for event in self.client.stream(gen_id):
+                if isinstance(event, Token) and not event.provisional:
+                    self.out.write(event.text)
+                    self.out.flush()
+                elif isinstance(event, Finished):
+                    result = event.result
+        except UsageError as exc:
+            if exact_replay(self.client):
+                raise
+            report.skipped.append(f"{label}: skipped, {exc}")  # e.g. beam search
+            print(f"\n── {label}: skipped, {exc}", file=self.out, flush=True)
+            return
         assert result is not None
         if turn.strategy == "beam":
             self.out.write(result.text)
@@ -221,4 +288,6 @@ class Replayer:
             print(f"✗ {label}: differs from the recording", file=self.out, flush=True)
         else:
             report.matched += 1
-            print(f"✓ {len(result.token_ids)} tokens match", file=self.out, flush=True)
+            print(f"✓ {len(result.token_ids)} tokens match" if result.token_ids else
+                  "✓ the text matches (the server sends no token ids)", file=self.out,
+                  flush=True)

@@ -34,9 +34,11 @@ def _prepare_default_model() -> None:
 def isolated_xdg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "XDG_DATA_HOME",
-                                            "XDG_CACHE_HOME")}
+                                            "XDG_CACHE_HOME", "XDG_RUNTIME_DIR")}
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
     os.environ["XDG_DATA_HOME"] = str(home / "data")
+    # a user's running `glmchat serve` announces itself there: one-shot tests must not find it
+    os.environ["XDG_RUNTIME_DIR"] = str(home / "run")
     CACHE.mkdir(parents=True, exist_ok=True)
     os.environ["XDG_CACHE_HOME"] = str(CACHE)
     _prepare_default_model()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from glmchat.tui.conversation import Conversation, start_conversation
-from glmchat.tui.engine_link import EngineLink
+from glmchat.tui.engine_link import EngineLink, worker_log_path
 from glmchat.tui.format import eta, stats_line
 from glmchat.tui.history import PromptHistory
 from glmchat.tui.widgets.prompt import PromptEditor
@@ -23,7 +23,7 @@ from textual import on
 from textual.app import App
 
 from glmchat import paths
-from glmchat.client import EngineClient
+from glmchat.backend import Backend, make_backend
 from glmchat.config import Config
 from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
@@ -45,7 +45,7 @@ class Options:
 
     raw: bool = False  # no chat template: each prompt is a plain continuation
     history: bool = True  # read and extend the prompt history file
-    client: EngineClient | None = None  # a worker to borrow (tests); None = start our own
+    client: Backend | None = None  # a backend to borrow (tests); None = make_backend(config)
     start_engine: bool = True  # False: no worker at all (snapshot tests feed events by hand)
     args: argparse.Namespace | None = None  # the CLI's flags, for the session hook
 
@@ -82,7 +82,8 @@ class ChatCore(App[int]):
         if self.conversation.resumed_params is not None:
             self.params = self.conversation.resumed_params
         self.history = PromptHistory(paths.history_file() if options.history else None)
-        self.link = EngineLink(self, config.model.spec(), options.client)
+        self.link = EngineLink(self, config.model.spec(), options.client,
+                               lambda: make_backend(config, stderr_path=worker_log_path()))
         self.phase = "starting"  # starting | loading | ready | crashed | failed
         self.in_flight: InFlight | None = None
         self.editing: int | None = None  # turn index of the prompt being edited
@@ -199,6 +200,8 @@ class ChatCore(App[int]):
         try:
             await flight.reply.finish(result.text, stats,
                                       spans=[(span.start, span.end) for span in result.spans])
+            for note in result.notes:  # what the backend could not do, said under the reply
+                await self.transcript.add_notice(note)
         finally:
             self.in_flight = None
             self.refresh_bindings()

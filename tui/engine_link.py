@@ -1,5 +1,6 @@
-"""The TUI's link to the worker: starts it and loads the model, then reads its events in a
-thread worker and posts them to the app in batches. It never touches a widget; the app's
+"""The TUI's link to its backend (the local worker, glmchat serve or another server): starts it
+and loads the model, then reads its events in a thread worker and posts them to the app in
+batches. It never touches a widget; the app's
 ``@on`` handlers own every state change."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from textual.app import App
@@ -15,10 +17,11 @@ from textual.message import Message
 from textual.worker import get_current_worker
 
 from glmchat import paths
+from glmchat.backend import Backend
 from glmchat.client import EngineClient
 from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Event, Load, ModelSpec, Shutdown
+from glmchat.protocol import ChatMessage, Event, Load, Loaded, ModelSpec, Shutdown
 
 BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per repaint
 
@@ -51,9 +54,9 @@ def ensure_resource_tracker(log_path: str) -> None:
 
 
 class EngineLink:
-    """Owns (or borrows) an EngineClient for an app. ``start`` runs in a thread worker:
-    start the process if needed, load the model if needed, then read until the worker dies or
-    the app stops the link."""
+    """Owns (or borrows) a Backend for an app. ``start`` runs in a thread worker: start the
+    backend if needed, load the model if needed, then read until it dies or the app stops the
+    link. ``factory`` makes the owned backend (default: a local worker)."""
 
     @dataclass
     class EventsReceived(Message):
@@ -63,11 +66,13 @@ class EngineLink:
     class WorkerDied(Message):
         cause: str
 
-    def __init__(self, app: App[int], spec: ModelSpec, client: EngineClient | None = None):
+    def __init__(self, app: App[int], spec: ModelSpec, client: Backend | None = None,
+                 factory: Callable[[], Backend] | None = None):
         self.app = app
         self.spec = spec
         self.owned = client is None
-        self.client = client if client is not None else EngineClient(worker_log_path())
+        self.client: Backend = client if client is not None else (
+            factory() if factory is not None else EngineClient(worker_log_path()))
         self._stop = threading.Event()
 
     @property
@@ -86,16 +91,24 @@ class EngineLink:
         # signal (PR_SET_PDEATHSIG) fires when the thread that spawned it ends.
         worker = get_current_worker()
         try:
-            ensure_resource_tracker(self.client.stderr_path or worker_log_path())
+            ensure_resource_tracker(getattr(self.client, "stderr_path", None)
+                                    or worker_log_path())
             if restart:
                 self.client.restart()
             elif not self.client.alive:
                 self.client.start()
-            if self.client.loaded is None or self.client.loaded.info.source != self.spec.path:
+            loaded = self.client.loaded
+            drawn: Loaded | None = None  # posted here already: not again from the events
+            if loaded is None or (loaded.info.source != self.spec.path
+                                  and not loaded.info.backend):
                 self.client.send(Load(self.spec))
+                if self.client.loaded is not None and self.client.loaded is not loaded:
+                    # A backend that loads synchronously and keeps Loaded out of its events.
+                    drawn = self.client.loaded
+                    self.app.post_message(self.EventsReceived([drawn]))
             else:
                 # A borrowed client that already holds the model (tests, a restarted app).
-                self.app.post_message(self.EventsReceived([self.client.loaded]))
+                self.app.post_message(self.EventsReceived([loaded]))
                 self.client.request_stats()
             while not stop.is_set() and not worker.is_cancelled:
                 event = self.client.recv(timeout=0.25)
@@ -107,7 +120,11 @@ class EngineLink:
                     if more is None:
                         break
                     batch.append(more)
-                self.app.post_message(self.EventsReceived(batch))
+                if drawn is not None and drawn in batch:
+                    batch.remove(drawn)
+                    drawn = None
+                if batch:
+                    self.app.post_message(self.EventsReceived(batch))
         except GlmchatError as exc:
             if not stop.is_set():
                 self.app.post_message(self.WorkerDied(str(exc)))
@@ -115,7 +132,7 @@ class EngineLink:
             if not stop.is_set():
                 self.app.post_message(self.WorkerDied(f"{type(exc).__name__}: {exc}"))
 
-    # ---- requests (from the app's thread; EngineClient.send is thread-safe) -------------------
+    # ---- requests (from the app's thread; a Backend's send is thread-safe) ---------------------
 
     def generate(self, params: GenerationParams, messages: list[ChatMessage], prompt: str,
                  raw: bool) -> str:

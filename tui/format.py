@@ -68,6 +68,11 @@ def eta(elapsed_s: float, done: int, total: int) -> str:
     return duration(elapsed_s / done * (total - done))
 
 
+def token_count(result: GenerationResult) -> int:
+    """Tokens generated: the ids, or the server's count when it sends no ids."""
+    return len(result.token_ids) or result.timings.decode_tokens
+
+
 def stats_line(result: GenerationResult) -> str:
     """One line under each reply: tokens, speeds, TTFT, strategy, how it ended."""
     t = result.timings
@@ -76,9 +81,9 @@ def stats_line(result: GenerationResult) -> str:
         strategy = f"beam × {result.params.num_beams}"
     elif strategy == "sample":
         strategy = f"sample T={result.params.temperature:g} seed {result.seed}"
-    parts = [f"{len(result.token_ids)} tokens", f"{t.decode_tokens_per_s:.1f} tok/s",
-             f"prefill {t.prefill_tokens_per_s:.0f} tok/s", f"TTFT {duration(t.ttft_s)}",
-             strategy]
+    parts = [f"{token_count(result)} tokens", f"{t.decode_tokens_per_s:.1f} tok/s",
+             f"prefill {t.prefill_tokens_per_s:.0f} tok/s" if t.prefill_tokens_per_s > 0
+             else "prefill –", f"TTFT {duration(t.ttft_s)}", strategy]
     if result.finish_reason != "eos":
         parts.append({"length": "hit max_new_tokens", "cancelled": "stopped",
                       "stop": "stop string"}.get(result.finish_reason, result.finish_reason))

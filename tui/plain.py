@@ -28,7 +28,7 @@ from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 
 from glmchat import paths
-from glmchat.client import EngineClient
+from glmchat.backend import Backend, describe, make_backend
 from glmchat.config import Config
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
@@ -80,10 +80,11 @@ class SafeFileHistory(FileHistory):
 
 class PlainRepl:
     """The REPL loop. ``input``/``output`` (prompt_toolkit) and ``out`` are injectable for
-    tests; ``client`` borrows a running worker instead of starting one."""
+    tests; ``client`` borrows a running backend instead of making one (make_backend: the
+    local worker, a running local glmchat serve, or the configured server)."""
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None, *,
-                 client: EngineClient | None = None, out: TextIO | None = None,
+                 client: Backend | None = None, out: TextIO | None = None,
                  input: Input | None = None, output: Output | None = None,
                  history: History | None = None) -> None:
         self.config = config
@@ -92,7 +93,7 @@ class PlainRepl:
         self.params: GenerationParams = (self.conversation.resumed_params
                                          or config.generation)
         self.owned = client is None
-        self.client = client or EngineClient()
+        self.client: Backend = client or make_backend(config, discover=True)
         self.out = out or sys.stdout
         self.color = self.out.isatty()
         if history is None:
@@ -154,7 +155,7 @@ class PlainRepl:
         if self.loader is None:
             if self.client.alive and self.client.loaded is not None:
                 return
-            self.say("starting the worker…" if self.client.pid is None
+            self.say(f"starting {describe(self.client)}…" if self.client.pid is None
                      else "restarting the worker…", "dim")
             self.start_loading()
         assert self.loader is not None
@@ -166,10 +167,7 @@ class PlainRepl:
             if isinstance(event, LoadProgress):
                 self.say(f"[{event.done}/{event.total}] {event.what}", "dim")
             elif isinstance(event, Loaded):
-                tiers = ", ".join(f"{n} on {t}" for t, n in
-                                  sorted(event.placement.layers_per_tier.items()))
-                self.say(f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
-                         f"{human_bytes(sum(event.placement.bytes_per_tier.values()))})", "dim")
+                self.say(loaded_line(event, self.client), "dim")
                 for note in event.placement.notes:
                     self.say(f"note: {note}", "dim")
                 self.conversation.set_model(event)
@@ -203,6 +201,8 @@ class PlainRepl:
             self.say(f"[{line}]", "dim")
             for span in result.spans:
                 self.say(f"  {span.mask} → {result.text[span.start:span.end]!r}", "bold")
+            for note in result.notes:
+                self.say(note, "dim")
         elif text:
             self.conversation.add_assistant(None, text)
 
@@ -402,6 +402,16 @@ class PlainRepl:
             if self.owned:
                 with contextlib.suppress(Exception):
                     self.client.close()
+
+
+def loaded_line(event: Loaded, backend: Backend) -> str:
+    """What --plain says when the model is ready, and who serves it."""
+    if event.placement.runtime == "remote":
+        return f"{event.info.name} · {describe(backend)}"
+    tiers = ", ".join(f"{n} on {t}" for t, n in sorted(event.placement.layers_per_tier.items()))
+    where = f" · {describe(backend)}" if event.info.backend else ""
+    return (f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
+            f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}){where}")
 
 
 def run_plain(config: Config, args: argparse.Namespace, **kwargs: Any) -> int:

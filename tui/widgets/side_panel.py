@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from glmchat.tui.format import duration, human_bytes, human_count, streaming
+from glmchat.tui.format import duration, human_bytes, human_count, streaming, token_count
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -113,14 +113,23 @@ class SidePanel(VerticalScroll):
         self.query_one("#load-bar").display = False
         self.query_one("#load-what").display = False
         text = Text(info.name, style="bold")
-        text.append(f"\n{human_count(info.n_params)} params · {info.dtype}\n"
-                    f"{info.n_layers} layers · context {info.context_length}\n"
-                    f"loaded in {duration(loaded.load_s)}", style="dim")
+        if loaded.placement.runtime == "remote":  # a server that says only its model's name
+            context = f"context {info.context_length}" if info.context_length else \
+                "context not reported"
+            text.append(f"\nserved by {info.backend}\n{context}", style="dim")
+        else:
+            text.append(f"\n{human_count(info.n_params)} params · {info.dtype}\n"
+                        f"{info.n_layers} layers · context {info.context_length}\n"
+                        f"loaded in {duration(loaded.load_s)}", style="dim")
         self.query_one("#model-info", Static).update(text)
         self.show_placement(loaded.placement)
 
     def show_placement(self, placement: Placement) -> None:
-        self.query_one("#placement-rows", Static).update(placement_table(placement))
+        rows = self.query_one("#placement-rows", Static)
+        if placement.runtime == "remote":
+            rows.update(Text("not reported by this server", style="yellow"))
+        else:
+            rows.update(placement_table(placement))
         self.query_one("#placement-box").border_subtitle = placement.runtime
 
     # ---- speed ----------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ class SidePanel(VerticalScroll):
     def show_result(self, result: GenerationResult) -> None:
         t = result.timings
         self._speed(t.decode_tokens_per_s, t.prefill_tokens_per_s, t.ttft_s,
-                    len(result.token_ids))
+                    token_count(result))
 
     def _speed(self, decode: float, prefill: float, ttft: float, tokens: int) -> None:
         rate = Text(f"{decode:.1f} tok/s" if decode > 0 else "–", style="bold")
@@ -155,6 +164,10 @@ class SidePanel(VerticalScroll):
     # ---- memory ---------------------------------------------------------------------------------
 
     def show_memory(self, memory: Memory) -> None:
+        memory_rows = self.query_one("#memory-rows", Static)
+        if not (memory.devices or memory.cpu_rss or memory.disk_bytes):  # a remote server
+            memory_rows.update(Text(memory.note or "not reported", style="yellow"))
+            return
         rows: list[tuple[str, str | Text]] = []
         for device in memory.devices:
             bar = usage_bar(device.used, device.total, width=10)
@@ -163,7 +176,6 @@ class SidePanel(VerticalScroll):
         rows.append(("CPU RSS", human_bytes(memory.cpu_rss)))
         rows.append(("disk", human_bytes(memory.disk_bytes)))
         table = _rows(*rows)
-        memory_rows = self.query_one("#memory-rows", Static)
         if memory.gpu_available:
             memory_rows.update(table)
         else:

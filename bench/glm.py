@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from glmchat.usage import Parser
+
 
 def write_random_checkpoint(directory: Path, layers: int, hidden: int, inner: int, heads: int,
                             vocab: int, tp: int, seed: int = 0) -> int:
@@ -68,8 +70,8 @@ def write_random_checkpoint(directory: Path, layers: int, hidden: int, inner: in
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat bench glm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="glmchat bench glm", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inner", type=int, default=5504)

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmchat.usage import Parser
+
 PROMPT = ("The lighthouse keeper found a bottle on the rocks one grey morning. Inside was a "
           "letter, and the first line read:")
 ENGINES = ("resident", "accelerate", "glmchat")
@@ -63,8 +65,8 @@ class Run:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmchat bench offload",
-                                     description=__doc__.splitlines()[0])
+    parser = Parser(prog="glmchat bench offload",
+                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model directory (or 'default')")
     parser.add_argument("--cpu-memory", type=float, required=True, metavar="GIB")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB")

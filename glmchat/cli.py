@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from glmchat.config import (
 )
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import BEAM_SCORERS, STRATEGIES
+from glmchat.usage import Parser
 
 SUBCOMMANDS = ("replay", "sessions", "bench", "serve", "convert")
 
@@ -141,7 +144,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
@@ -227,9 +230,24 @@ def guarded(action: Callable[[], int]) -> int:
         return 0
 
 
+class _Termination:
+    """SIGTERM (a `kill`, a closing terminal's session manager) ends a command the way Ctrl+C
+    does — the partial reply saved, the worker stopped — with exit code 143."""
+
+    received = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        cls.received = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return guarded(lambda: _main(argv))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _Termination.handle)
+    code = guarded(lambda: _main(argv))
+    return 128 + signal.SIGTERM if _Termination.received and code == 130 else code
 
 
 def _main(argv: list[str]) -> int:
@@ -253,6 +271,7 @@ def _interactive(config: Config, args: argparse.Namespace) -> int:
         return run_plain(config, args)
     from glmchat.tui.app import run_tui
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the full-screen app: the default
     return run_tui(config, args)
 
 

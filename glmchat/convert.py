@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 from glmchat.errors import UsageError
+from glmchat.usage import Parser
 
 
 def convert_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="glmchat convert", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, help="checkpoint dir: latest + <iter>/mp_rank_XX_*.pt")
     parser.add_argument("--out", type=Path, metavar="OUT",
                         help="where to write (default: the cache dir, keyed by digest)")

@@ -67,6 +67,7 @@ class Placement:
     runtime: str  # "resident" | "accelerate" | "glmchat"
     gpu_available: bool
     quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
+    notes: list[str] = field(default_factory=list)  # for the user: a runtime fallen back from
 
 
 @dataclass

@@ -42,6 +42,7 @@ __all__ = ["DTYPES", "Engine", "LoadedModel"]  # DTYPES, LoadedModel: their old 
 
 Emit = Callable[[Event], None]
 MEMORY_EVERY_S = 0.5
+MAX_CHARS_PER_TOKEN = 64  # more characters than this per token of context cannot fit
 
 
 class Engine:
@@ -112,6 +113,11 @@ class Engine:
         # ---- end of infill hook
         params = request.params.validate()
         model, tokenizer, info = self.loaded.model, self.loaded.tokenizer, self.loaded.info
+        characters = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        if characters > info.context_length * MAX_CHARS_PER_TOKEN:
+            # Far too long whatever the tokenizer does: say so now, not after tokenizing it.
+            raise UsageError(f"the prompt is {characters} characters, far more than the "
+                             f"{info.context_length} tokens {info.name} reads; shorten it")
         prompt = self.prompt_ids(request)
         room = info.context_length - len(prompt)
         if room <= 0:

@@ -62,6 +62,18 @@ def human(n: int) -> str:
     return str(n)
 
 
+
+def _check_offload_dir(offload_dir: Path) -> None:
+    """accelerate writes offloaded weights there: fail now, in words, if it cannot."""
+    try:
+        offload_dir.mkdir(parents=True, exist_ok=True)
+        probe = offload_dir / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"offload dir {offload_dir} is not writable ({exc.strerror}); "
+                         "pass --offload-dir DIR") from None
+
 class TransformersFamily:
     name = "transformers"
     default_beam_scorer = "transformers"
@@ -112,14 +124,7 @@ class TransformersFamily:
             runtime = "glmchat"
         elif device_map is not None and "disk" in device_map.values():
             runtime = "accelerate"
-            try:
-                offload_dir.mkdir(parents=True, exist_ok=True)
-                probe = offload_dir / f".probe-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                raise UsageError(f"offload dir {offload_dir} is not writable ({exc.strerror}); "
-                                 "pass --offload-dir DIR") from None
+            _check_offload_dir(offload_dir)
         if device_map is not None and len(set(device_map.values())) == 1:
             only = next(iter(device_map.values()))
             device_map = None if only == "cpu" else device_map
@@ -133,12 +138,27 @@ class TransformersFamily:
         if device_map is not None:
             kwargs.update(device_map=device_map, offload_folder=str(offload_dir))
         streamer: offload.OffloadRuntime | None = None
+        notes: list[str] = []
         try:
             if streamed:
                 assert device_map is not None
-                streamer = offload.load_offloaded(meta_model, weights_dir, device_map, dtype,
-                                                  offload.compute_device(device_map),
-                                                  reader=spec.offload_reader)
+                try:
+                    streamer = offload.load_offloaded(meta_model, weights_dir, device_map, dtype,
+                                                      offload.compute_device(device_map),
+                                                      reader=spec.offload_reader)
+                except offload.NotStreamable as exc:
+                    if quantized is not None:  # quantized layers exist for our runtime only
+                        raise UsageError(f"--quantize {spec.quantize} cannot be used with "
+                                         f"{resolved.name} ({exc}); run with --quantize "
+                                         "none") from None
+                    # Not an error for the user: accelerate's runtime loads through
+                    # transformers, whatever its checkpoint conversions do.
+                    streamed, runtime = False, "accelerate"
+                    notes.append(f"the glmchat offload runtime cannot stream this checkpoint "
+                                 f"({exc}); using accelerate's runtime instead")
+                    _check_offload_dir(offload_dir)
+            if streamed:
+                assert streamer is not None
                 model, device_map = meta_model, streamer.device_map
                 streamer.quantize = quantized.label if quantized is not None else "none"
                 with contextlib.suppress(OSError):
@@ -158,6 +178,7 @@ class TransformersFamily:
 
             placement.quantize = quantized.label
             n_params = logical_params(model)
+        placement.notes.extend(notes)
         context = int(getattr(config, "max_position_embeddings", 0)
                       or getattr(tokenizer, "model_max_length", 2048))
         info = ModelInfo(

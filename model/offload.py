@@ -41,7 +41,8 @@ from .backends import (
     compute_as,
     pin_layer,
 )
-from .mapped import MappedCheckpoint, OffloadError, TensorLocation, merged_ranges
+from .checkpoint_names import NotStreamable, checkpoint_names
+from .mapped import MappedCheckpoint, TensorLocation, merged_ranges
 from .streamer import LayerStreamer, StreamStats
 
 # Device-map tiers whose layers the runtime streams, per compute device type.
@@ -172,8 +173,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
             best = (name, module)
     if best is None:
-        raise OffloadError(f"{type(model).__name__} has no list of decoder layers to stream; "
-                           "use --offload-runtime accelerate")
+        raise NotStreamable(f"{type(model).__name__} has no list of decoder layers to stream")
     return best
 
 
@@ -254,6 +254,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
           dtype: torch.dtype, device: torch.device, prefetch: int,
           release_behind: bool | None, reader: str) -> OffloadRuntime:
     layers_name, layer_list = decoder_layers(model)
+    # Checkpoint keys renamed as transformers renames them (GPT-NeoX's embed_out → lm_head).
+    stored = checkpoint_names(model, checkpoint.locations)
     n_layers = len(layer_list)
     on_gpu = device.type == "cuda"
     slots = prefetch + 1
@@ -294,7 +296,7 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
         # 150k x 12288 table that is 3.8 GB a token not read).
         embeddings = {name for name, module in model.named_modules()
                       if name in unit_order and isinstance(module, nn.Embedding)
-                      and _stored_dtype(checkpoint, f"{name}.weight") == dtype}
+                      and _stored_dtype(checkpoint, stored.get(f"{name}.weight", "")) == dtype}
         unit_order = [name for name in unit_order if name not in embeddings]
 
     tie = getattr(model, "tie_weights", None)
@@ -305,18 +307,16 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
     for name, param in model.named_parameters(remove_duplicate=False):
         first = by_id.setdefault(id(param), name)
         aliases.setdefault(first, []).append(name)
-    wanted = list(aliases) + [n for n, _ in model.named_buffers() if n in checkpoint.locations]
 
     def unit_of(name: str) -> str | None:
         return next((u for u in unit_order if name.startswith(u + ".")), None)
 
+    wanted = list(aliases) + [n for n, _ in model.named_buffers() if n in stored]
     per_unit: dict[str, list[tuple[str, TensorLocation]]] = {u: [] for u in unit_order}
     for name in wanted:
-        key = next((a for a in aliases.get(name, [name]) if a in checkpoint.locations), None)
+        key = next((stored[a] for a in aliases.get(name, [name]) if a in stored), None)
         if key is None:
-            raise OffloadError(f"the checkpoint has no tensor {name}; the glmchat offload "
-                               "runtime loads checkpoints whose names match the model's — use "
-                               "--offload-runtime accelerate")
+            raise NotStreamable(f"the checkpoint has no tensor for {name}")
         location = checkpoint.locations[key]
         kept: list[str] = []
         mapped: list[str] = []

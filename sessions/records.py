@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from glmchat.errors import UsageError
+from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import Beam, ChatMessage, ModelInfo, Placement, Span, Timings
 
@@ -44,6 +44,12 @@ Record = dict[str, Any]
 
 class SessionFileError(UsageError):
     """A file that cannot be read as a session: not one, damaged, or from a newer glmchat."""
+
+
+class SessionWriteError(GlmchatError):
+    """A session file that could not be written (disk full, I/O error, file size limit, made
+    read-only or replaced): a runtime failure, exit code 1. What was not written is kept in
+    memory by the recorder."""
 
 
 class BadRecord(ValueError):

@@ -1,5 +1,5 @@
 """Replay: generate every recorded reply again, with the recorded model, request, params and
-seed, and (with check) compare the token ids.
+seed, and (with check) compare the token ids and the texts.
 
 Greedy and beam search are deterministic; sampling draws from a generator seeded with the
 recorded seed, so it repeats on the same machine and dtype. A reply stopped by the user is
@@ -132,7 +132,27 @@ def compare(label: str, turn: AssistantTurn, result: GenerationResult) -> str:
                                        new.token_ids, old.text, new.text)
     if len(turn.beams) != len(result.beams):
         return f"{label}: recorded {len(turn.beams)} beams, replayed {len(result.beams)}"
+    # The same tokens: the worker's text is what they decode to (stop strings cut), so a
+    # recorded text that differs was changed after it was recorded.
+    if turn.text != result.text:
+        return describe_text_divergence(label, "the reply's text", turn.text, result.text)
+    for i, (old, new) in enumerate(zip(turn.beams, result.beams, strict=False)):
+        if old.text != new.text:
+            return describe_text_divergence(label, f"beam {i + 1}'s text", old.text, new.text)
     return ""
+
+
+def describe_text_divergence(label: str, what: str, recorded: str, replayed: str) -> str:
+    """Tokens that match but a text that does not: where the texts part."""
+    at = next((i for i, (x, y) in enumerate(zip(recorded, replayed, strict=False)) if x != y),
+              min(len(recorded), len(replayed)))
+    return "\n".join([
+        f"{label}: {what} diverges at character {at}: the recorded text is not what the "
+        f"recorded tokens decode to (edited after it was saved?) "
+        f"(recorded {len(recorded)} characters, replayed {len(replayed)})",
+        f"  recorded text  {_text_around(recorded, at)}",
+        f"  replayed text  {_text_around(replayed, at)}",
+    ])
 
 
 def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,

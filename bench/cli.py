@@ -13,8 +13,10 @@ SUBCOMMANDS = {
     "tui": "glmchat.bench.tui",
     "make-model": "glmchat.bench.make_model",
     "offload": "glmchat.bench.offload",
+    "quality": "glmchat.bench.quality",
     "serve": "glmchat.bench.serve",
     "serve-load": "glmchat.bench.serve_load",
+    "glm": "glmchat.bench.glm",
 }
 
 

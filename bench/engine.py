@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from glmchat.usage import Parser
+
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -93,8 +95,8 @@ def start_to_first_token(runs: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat bench engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="glmchat bench engine", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from glmchat.usage import Parser
+
 SHARD_BYTES = 2 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
@@ -146,8 +148,8 @@ def default_tokenizer_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmchat bench make-model",
-                                     description=__doc__.splitlines()[0])
+    parser = Parser(prog="glmchat bench make-model",
+                    description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory to write the model to")
     parser.add_argument("--params", default="1.1B",
                         help=f"a preset ({', '.join(PRESETS)}) or a count like 2B")

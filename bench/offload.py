@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmchat.usage import Parser
+
 PROMPT = ("The lighthouse keeper found a bottle on the rocks one grey morning. Inside was a "
           "letter, and the first line read:")
 ENGINES = ("resident", "accelerate", "glmchat")
@@ -57,11 +59,14 @@ class Run:
     mean_tokens_per_s: float = 0.0  # decode_tokens_per_s is from the median step
     cached_after_eviction: float = -1.0  # cold: fraction of the files still in the page cache
     reader: str = ""  # glmchat on CPU: the reader the runtime used ("mmap" | "direct")
+    dtype: str = ""  # compute dtype
+    scheme: str = "none"  # the weights: "none" | "int8" | "int4-g32" ...
+    layers_per_tier: dict[str, int] = field(default_factory=dict)  # quantized: its placement
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmchat bench offload",
-                                     description=__doc__.splitlines()[0])
+    parser = Parser(prog="glmchat bench offload",
+                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model directory (or 'default')")
     parser.add_argument("--cpu-memory", type=float, required=True, metavar="GIB")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB")
@@ -81,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glmchat on CPU: unmap streamed pages after use (auto: when the "
                              "model would not stay in the page cache anyway)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--quantize", default="", metavar="SCHEMES",
+                        help="also run ours on quantized weights, each with its own placement "
+                             "under the same budget: comma-separated int8, int4, int4-g64 ...")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="skip glmchat:default (ours with the settings a user gets: "
+                             "--dtype auto, --offload-reader auto)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
     return parser
 
@@ -109,6 +120,9 @@ def main(argv: list[str]) -> int:
     checkpoint = MappedCheckpoint(files)
     stored = next(iter(checkpoint.locations.values())).dtype
     dtype = stored if args.dtype == "stored" else getattr(torch, args.dtype)
+    from glmchat.model.family_transformers import pick_dtype as _pick_dtype
+
+    auto_dtype = _pick_dtype("auto", config)  # what a user gets without --dtype
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = ModelSpec(cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
@@ -132,6 +146,16 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(weights_dir)
     prompt_ids = torch.tensor([tokenizer(PROMPT)["input_ids"]], dtype=torch.long)
     engines = [e for e in args.engines.split(",") if e]
+    schemes = [_scheme_label(s) for s in args.quantize.split(",") if s and s != "none"]
+    quantized: dict[str, Any] = {}  # label → quant.QuantResult
+    for label in schemes:
+        from glmchat.model import quant
+
+        scheme, _, group = label.partition("-g")
+        result = quant.prepare(weights_dir, resolved.digest, scheme, int(group or 32),
+                               lambda done, total, what: None, device.type)
+        assert result is not None
+        quantized[label] = result
     regimes = [r for r in args.regimes.split(",") if r]
     total_bytes = sum(f.stat().st_size for f in files)
     if "resident" in engines and total_bytes * (dtype.itemsize / stored.itemsize) > \
@@ -140,7 +164,8 @@ def main(argv: list[str]) -> int:
         engines.remove("resident")
 
     print(f"model: {weights_dir} ({total_bytes / 1e9:.2f} GB on disk, {n_layers} layers, "
-          f"stored {_name(stored)}, compute {_name(dtype)} on {device})")
+          f"stored {_name(stored)}, compute {_name(dtype)} on {device}; "
+          f"--dtype auto computes {_name(auto_dtype)})")
     print(f"placement (--cpu-memory {args.cpu_memory}"
           + (f", --gpu-memory {args.gpu_memory}" if args.gpu_memory is not None else "")
           + f"): layers per tier {per_tier}")
@@ -163,6 +188,12 @@ def main(argv: list[str]) -> int:
     for regime in regimes:
         cold = regime == "cold"
         wanted = _regime_engines(engines, regime, args.reader, device.type)
+        if "glmchat" in engines and not args.no_defaults:
+            wanted["glmchat:default"] = ("glmchat-default", "auto")
+        for label in schemes:
+            q_reader = ("direct" if cold and args.reader == "auto" and device.type == "cpu"
+                        else args.reader)
+            wanted[f"glmchat:{label}"] = (f"glmchat-q:{label}", q_reader)
         for key in [key for key in loaded if key not in wanted.values()]:
             # Done with: pages it keeps mapped (the resident loader's, our mmap reader's) would
             # survive the cold regime's evictions.
@@ -174,8 +205,16 @@ def main(argv: list[str]) -> int:
         for engine, reader in wanted.values():
             if (engine, reader) not in loaded:
                 t0 = time.perf_counter()
-                model, runtime = _load(engine, weights_dir, config, device_map, dtype, device,
-                                       args.prefetch, release, reader or "auto")
+                if engine.startswith("glmchat-q:"):
+                    model, runtime = _load_quantized(quantized[engine.split(":", 1)[1]],
+                                                     spec, dtype, device, args.prefetch,
+                                                     release, reader or "auto")
+                else:
+                    model, runtime = _load(engine, weights_dir, config, device_map,
+                                           auto_dtype if engine == "glmchat-default" else dtype,
+                                           device, args.prefetch,
+                                           None if engine == "glmchat-default" else release,
+                                           reader or "auto")
                 loaded[(engine, reader)] = (model, runtime, time.perf_counter() - t0)
         taking_part = {name: loaded[key][:2] for name, key in wanted.items()}
         use_probe = cold and device.type == "cpu" and probe.total > 0
@@ -192,12 +231,16 @@ def main(argv: list[str]) -> int:
             engine, reader = wanted[name]
             _model, runtime, load_s = loaded[(engine, reader)]
             run.engine, run.regime, run.load_s = name, regime, load_s
+            run.dtype = _name(auto_dtype if engine == "glmchat-default" else dtype)
+            if engine.startswith("glmchat-q:"):
+                run.scheme = engine.split(":", 1)[1]
+                run.layers_per_tier = _layers_per_tier(runtime)
             run.reader = runtime.stats.reader if runtime is not None else ""
             run.bytes_per_token = (runtime.stats.bytes_per_token if runtime is not None
                                    else accelerate_bytes if engine == "accelerate" else 0)
             run.effective_gb_per_s = run.bytes_per_token * run.decode_tokens_per_s / 1e9
             runs.append(run)
-            print(f"  {name:12s} {regime}: {run.decode_tokens_per_s:.3f} tok/s", flush=True)
+            print(f"  {name:15s} {regime}: {run.decode_tokens_per_s:.3f} tok/s", flush=True)
     for _model, runtime, _s in loaded.values():
         if runtime is not None:
             runtime.close()
@@ -212,7 +255,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "model": str(weights_dir), "cpu_memory": args.cpu_memory,
-            "gpu_memory": args.gpu_memory, "dtype": _name(dtype), "layers_per_tier": per_tier,
+            "gpu_memory": args.gpu_memory, "dtype": _name(dtype),
+            "auto_dtype": _name(auto_dtype), "layers_per_tier": per_tier,
             "machine": _machine(), "disk_read_gb_per_s": disk_gbps,
             "disk_read_methods_gb_per_s": methods, "bound_gb_per_s": bounds,
             "pinned_h2d_gb_per_s": h2d_gbps, "runs": [asdict(r) for r in runs]}, indent=1))
@@ -400,7 +444,7 @@ def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str
                                                      device_map=device_map,
                                                      offload_folder=offload_dir)
         return model.eval(), None
-    if engine == "glmchat":
+    if engine in ("glmchat", "glmchat-default"):
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         runtime = offload.load_offloaded(model, weights_dir, device_map, dtype, device,
@@ -408,6 +452,45 @@ def _load(engine: str, weights_dir: Path, config: Any, device_map: dict[str, str
                                          reader=reader)
         return model.eval(), runtime
     raise SystemExit(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
+
+
+def _scheme_label(text: str) -> str:
+    """"int4" → "int4-g32" (the default group); "int8", "int4-g64" as they are."""
+    from glmchat.model import quant
+
+    scheme, _, group = text.partition("-g")
+    quant.check_scheme(scheme, int(group) if group.isdigit() else 32)
+    if group and not group.isdigit():
+        raise SystemExit(f"glmchat bench offload: error: bad scheme {text!r}; use int8, int4, "
+                         "int4-g64 ...")
+    return scheme if scheme == "int8" else f"int4-g{group or 32}"
+
+
+def _load_quantized(result: Any, spec: Any, dtype: Any, device: Any, prefetch: int,
+                    release_behind: bool | None, reader: str) -> tuple[Any, Any]:
+    """Ours on the quantized copy, placed under the same budget (its smaller bytes: more
+    layers fit)."""
+    from accelerate import init_empty_weights
+    from glmchat.model import offload
+    from glmchat.model import placement as place
+    from glmchat.model.qlinear import swap_linears
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(result.runtime_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_linears(model, result.runtime_dir, result.scheme, result.group_size)
+    device_map = place.compute_device_map(model, spec, dtype) or {"": str(device)}
+    runtime = offload.load_offloaded(model, result.runtime_dir, device_map, dtype, device,
+                                     prefetch=prefetch, release_behind=release_behind,
+                                     reader=reader)
+    runtime.quantize = result.label
+    return model.eval(), runtime
+
+
+def _layers_per_tier(runtime: Any) -> dict[str, int]:
+    stats = runtime.stats
+    return {"resident": stats.resident_layers, "streamed": stats.streamed_layers}
 
 
 def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
@@ -481,7 +564,7 @@ def _generate_interleaved(engines: dict[str, tuple[Any, Any]], prompt_ids: Any,
 
 def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
     print()
-    header = (f"{'regime':6s} {'engine':12s} {'reader':6s} {'load s':>7s} {'TTFT s':>7s} "
+    header = (f"{'regime':6s} {'engine':15s} {'reader':6s} {'load s':>7s} {'TTFT s':>7s} "
               f"{'tok/s':>8s} {'MB/token':>9s} {'GB/s':>6s} {'bound tok/s':>11s} "
               f"{'ours/acc':>8s} {'ours/bound':>10s} {'vs resident':>11s}")
     print(header)
@@ -499,7 +582,7 @@ def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
         vs_res = (run.decode_tokens_per_s / resident.decode_tokens_per_s
                   if resident and resident.decode_tokens_per_s and run.engine != "resident"
                   else 0.0)
-        print(f"{run.regime:6s} {run.engine:12s} {run.reader or '-':6s} {run.load_s:7.2f} "
+        print(f"{run.regime:6s} {run.engine:15s} {run.reader or '-':6s} {run.load_s:7.2f} "
               f"{run.ttft_s:7.2f} {run.decode_tokens_per_s:8.3f} "
               f"{run.bytes_per_token / 1e6:9.1f} {run.effective_gb_per_s:6.2f} "
               f"{_cell(bound, 11)} {_cell(vs_acc, 8, 'x')} {_cell(vs_bound * 100, 9, '%')} "
@@ -511,9 +594,18 @@ def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
     if cold:
         print(f"cold: after each eviction at most {max(cold) * 100:.1f}% of the weight files "
               "was still in the page cache")
-    outputs = {tuple(r.token_ids) for r in runs}
-    print("greedy tokens identical across engines and regimes: "
-          + ("yes" if len(outputs) == 1 else f"NO ({len(outputs)} different outputs)"))
+    for dtype, scheme in sorted({(r.dtype, r.scheme) for r in runs}):
+        outputs = {tuple(r.token_ids) for r in runs if (r.dtype, r.scheme) == (dtype, scheme)}
+        weights = "" if scheme == "none" else f", {scheme} weights"
+        print(f"greedy tokens identical across engines and regimes ({dtype} compute{weights}): "
+              + ("yes" if len(outputs) == 1 else f"NO ({len(outputs)} different outputs)"))
+    for run in runs:
+        full = by.get(("glmchat", run.regime))
+        if run.scheme != "none" and full is not None and full.decode_tokens_per_s:
+            speedup = run.decode_tokens_per_s / full.decode_tokens_per_s
+            ratio = run.bytes_per_token / max(full.bytes_per_token, 1)
+            print(f"{run.engine} {run.regime}: {speedup:.2f}x full width, {ratio:.2f}x its "
+                  f"bytes per token (layers per tier {run.layers_per_tier})")
 
 
 def _cell(value: float, width: int, suffix: str = "") -> str:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from glmchat.bench.serve_load import started_server
+
+from glmchat.usage import Parser
 
 PROMPT = "Write a haiku about the sea."
 
@@ -64,7 +65,7 @@ def per_token_s(backend: Any, tokens: int) -> tuple[float, float, float]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat bench serve", description=__doc__)
+    parser = Parser(prog="glmchat bench serve", description=__doc__)
     parser.add_argument("--tokens", type=int, default=48, help="streamed tokens per run")
     parser.add_argument("--runs", type=int, default=3, help="streaming runs (median)")
     parser.add_argument("--tcp", action="store_true", help="also over 127.0.0.1")

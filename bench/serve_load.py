@@ -11,7 +11,6 @@ time. Without --url it starts its own server (the embedded model) on 127.0.0.1 a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -28,6 +27,8 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from glmchat.usage import Parser
 
 # ---- a server to test ------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ def run_load(url: str, key: str | None, clients: int = 8, requests: int = 2,
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat bench serve-load", description=__doc__)
+    parser = Parser(prog="glmchat bench serve-load", description=__doc__)
     parser.add_argument("--url", help="a running glmchat serve (default: start one)")
     parser.add_argument("--api-key", help="its key (default: a random one for our server)")
     parser.add_argument("--clients", type=int, default=8)

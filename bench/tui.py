@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from glmchat.usage import Parser
+
 COLUMNS, LINES = 140, 40
 MARK = "Q"
 
@@ -135,8 +137,8 @@ def summary(latencies: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glmchat bench tui", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="glmchat bench tui", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="first-paint runs")
     parser.add_argument("--keys", type=int, default=20, help="key presses while streaming")
     parser.add_argument("--threads", type=int, default=0,

@@ -7,6 +7,7 @@
     glmchat sessions …           list, show, export, remove saved sessions
     glmchat bench …              benchmarks
     glmchat serve                load the model once, serve it over HTTP (glmchat/serve.py)
+    glmchat convert DIR          convert a GLM-130B checkpoint once (--out OUT)
 """
 
 from __future__ import annotations
@@ -14,23 +15,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from glmchat import __version__
-from glmchat.config import DTYPES, OFFLOAD_READERS, OFFLOAD_RUNTIMES, Config, load_config
+from glmchat.config import (
+    DTYPES,
+    OFFLOAD_READERS,
+    OFFLOAD_RUNTIMES,
+    QUANT_GROUPS,
+    QUANTIZE,
+    Config,
+    load_config,
+)
 from glmchat.errors import GlmchatError, UsageError
-from glmchat.params import STRATEGIES
+from glmchat.params import BEAM_SCORERS, STRATEGIES
+from glmchat.usage import Parser
 
-SUBCOMMANDS = ("replay", "sessions", "bench", "serve")
+SUBCOMMANDS = ("replay", "sessions", "bench", "serve", "convert")
 
 # flag dest → (config section, key)
 MODEL_FLAGS = {
     "model": "path", "dtype": "dtype", "gpu_memory": "gpu_memory", "cpu_memory": "cpu_memory",
     "offload_dir": "offload_dir", "offload_runtime": "offload_runtime",
     "offload_reader": "offload_reader", "threads": "threads",
+    "tokenizer": "tokenizer", "num_heads": "num_heads",
+    "quantize": "quantize", "quant_group": "quant_group",
 }
 # flag dest → [backend] key
 BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key",
@@ -38,7 +52,7 @@ BACKEND_FLAGS = {"backend": "url", "backend_model": "model", "api_key": "api_key
 GENERATION_FLAGS = (
     "strategy", "num_beams", "num_return_sequences", "temperature", "top_k", "top_p", "seed",
     "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-    "early_stopping", "stop", "system_prompt",
+    "early_stopping", "stop", "system_prompt", "beam_scorer",
 )
 
 
@@ -75,6 +89,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "do not fit in half the free RAM)")
     g.add_argument("--threads", type=int, default=s, metavar="N",
                    help="CPU threads for torch (0 = torch's default)")
+    g.add_argument("--tokenizer", default=s, metavar="FILE",
+                   help="GLM-130B: its ice_text.model (else the checkpoint dir, "
+                        "~/.icetk_models)")
+    g.add_argument("--num-heads", type=int, default=s, metavar="N",
+                   help="GLM-130B: attention heads (0 = from the checkpoint)")
+    # Checked with the config (one error line, exit 2), not by argparse's choices.
+    g.add_argument("--quantize", default=s, metavar="|".join(QUANTIZE),
+                   help="weight-only quantized decoder layers (converted once, cached)")
+    g.add_argument("--quant-group", type=int, default=s, metavar="N",
+                   help="int4 group size along the input dimension: "
+                        + ", ".join(map(str, QUANT_GROUPS)))
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -113,15 +138,19 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop when the reply contains TEXT (repeatable)")
     g.add_argument("--system", dest="system_prompt", default=s, metavar="TEXT",
                    help="system prompt for chat models")
+    g.add_argument("--beam-scorer", choices=BEAM_SCORERS, default=s,
+                   help="beam search scoring: transformers' or GLM-130B's (auto = the "
+                        "model's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="glmchat",
         description="Chat with large language models that do not fit in your GPU.",
         epilog="Subcommands: glmchat replay FILE [--check] · glmchat sessions "
                "[list|show|export|rm] · glmchat bench [engine|offload|make-model] · "
-               "glmchat serve [--port N]. "
+               "glmchat serve [--port N] · "
+               "glmchat convert DIR [--out OUT] (GLM-130B checkpoint, once). "
                "A prompt that is a subcommand's name goes after --.",
     )
     parser.add_argument("prompt", nargs="*", help="one-shot prompt (else read stdin if piped)")
@@ -201,9 +230,24 @@ def guarded(action: Callable[[], int]) -> int:
         return 0
 
 
+class _Termination:
+    """SIGTERM (a `kill`, a closing terminal's session manager) ends a command the way Ctrl+C
+    does — the partial reply saved, the worker stopped — with exit code 143."""
+
+    received = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        cls.received = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return guarded(lambda: _main(argv))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _Termination.handle)
+    code = guarded(lambda: _main(argv))
+    return 128 + signal.SIGTERM if _Termination.received and code == 130 else code
 
 
 def _main(argv: list[str]) -> int:
@@ -227,10 +271,15 @@ def _interactive(config: Config, args: argparse.Namespace) -> int:
         return run_plain(config, args)
     from glmchat.tui.app import run_tui
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the full-screen app: the default
     return run_tui(config, args)
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
+    if name == "convert":
+        from glmchat.convert import convert_main
+
+        return convert_main(argv)
     if name == "bench":
         from glmchat.bench.cli import main as bench_main
 

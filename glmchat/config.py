@@ -26,6 +26,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_RUNTIMES = ("glmchat", "accelerate")
 OFFLOAD_READERS = ("auto", "mmap", "direct")
 FRONTENDS = ("tui", "plain")
+QUANTIZE = ("none", "int8", "int4")
+QUANT_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass
@@ -38,12 +40,18 @@ class ModelConfig:
     offload_runtime: str = "glmchat"
     offload_reader: str = "auto"
     threads: int = 0
+    tokenizer: str = ""
+    num_heads: int = 0
+    quantize: str = "none"
+    quant_group: int = 32
 
     def spec(self) -> ModelSpec:
         return ModelSpec(path=self.path, dtype=self.dtype, gpu_memory=self.gpu_memory,
                          cpu_memory=self.cpu_memory, offload_dir=self.offload_dir,
                          offload_runtime=self.offload_runtime,
-                         offload_reader=self.offload_reader, threads=self.threads)
+                         offload_reader=self.offload_reader, threads=self.threads,
+                         tokenizer=self.tokenizer, num_heads=self.num_heads,
+                         quantize=self.quantize, quant_group=self.quant_group)
 
 
 @dataclass
@@ -118,6 +126,15 @@ def _model_problems(values: dict[str, Any]) -> list[str]:
         "threads": (isinstance(values.get("threads"), int)
                     and not isinstance(values.get("threads"), bool) and values["threads"] >= 0,
                     "use an integer >= 0 (0 = torch's default)"),
+        "tokenizer": (isinstance(values.get("tokenizer"), str), "use a file path"),
+        "num_heads": (isinstance(values.get("num_heads"), int)
+                      and not isinstance(values.get("num_heads"), bool)
+                      and values["num_heads"] >= 0,
+                      "use an integer >= 0 (0 = from the checkpoint)"),
+        "quantize": (values.get("quantize") in QUANTIZE, "use one of " + ", ".join(QUANTIZE)),
+        "quant_group": (values.get("quant_group") in QUANT_GROUPS
+                        and not isinstance(values.get("quant_group"), bool),
+                        "use one of " + ", ".join(map(str, QUANT_GROUPS))),
     }
     for key, (ok, allowed) in checks.items():
         if key in values and not ok:
@@ -190,7 +207,9 @@ def load_config(config_file: Path | None = None,
             gpu_memory=None if m["gpu_memory"] == "auto" else float(m["gpu_memory"]),
             cpu_memory=None if m["cpu_memory"] == "auto" else float(m["cpu_memory"]),
             offload_dir=m["offload_dir"], offload_runtime=m["offload_runtime"],
-            offload_reader=m["offload_reader"], threads=m["threads"]),
+            offload_reader=m["offload_reader"], threads=m["threads"],
+            tokenizer=m["tokenizer"], num_heads=m["num_heads"],
+            quantize=m["quantize"], quant_group=m["quant_group"]),
         generation=GenerationParams.from_dict(merged["generation"]),
         sessions=SessionsConfig(**merged["sessions"]),
         ui=UIConfig(**merged["ui"]),

@@ -22,17 +22,34 @@ from glmchat.sessions.recorder import open_recorder
 from glmchat.tui.format import streaming_summary, token_count
 
 
+def _read_stdin(stdin: TextIO) -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a usage error that says where."""
+    try:
+        text = stdin.read()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"stdin is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}); pipe UTF-8 text") from None
+    try:
+        text.encode("utf-8")  # undecodable bytes arrive as surrogates (surrogateescape)
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        raise UsageError(f"stdin is not UTF-8 text (line {line}, character "
+                         f"{exc.start - text.rfind(chr(10), 0, exc.start)}); pipe UTF-8 "
+                         "text") from None
+    return text
+
+
 def read_prompts(args: argparse.Namespace, prompt: str, stdin: TextIO) -> list[str]:
     if args.each_line:
         if prompt:
             raise UsageError("--each-line reads prompts from stdin; drop the prompt argument")
-        prompts = [line.rstrip("\r\n") for line in stdin]
+        prompts = [line.rstrip("\r") for line in _read_stdin(stdin).split("\n")]
         prompts = [p for p in prompts if p.strip()]
         if not prompts:
             raise UsageError("--each-line got no non-blank lines on stdin")
         return prompts
     if not prompt:
-        prompt = stdin.read()
+        prompt = _read_stdin(stdin)
         # `echo q | glmchat` must answer like `glmchat q`: the newline is the shell's, not
         # the user's. Raw continuation keeps inner whitespace, chat trims both ends.
         prompt = prompt.removesuffix("\n") if args.raw else prompt.strip()
@@ -76,6 +93,11 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
     recorder = open_recorder(config, args, oneshot=True)
     for note in recorder.notes if recorder is not None else []:
         print(f"glmchat: warning: {note}", file=sys.stderr)
+    if recorder is not None:
+        # A write that fails later (disk full, size limit): said at once, the replies still
+        # come, and the exit code is 1.
+        recorder.on_save_error = lambda why: print(
+            f"glmchat: error: {why}; this exchange was not saved", file=sys.stderr, flush=True)
     client = make_backend(config, discover=True)
     gen_id: str | None = None
     try:
@@ -88,6 +110,8 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 print(f"glmchat: [{event.done}/{event.total}] {event.what}", file=sys.stderr)
             elif isinstance(event, Loaded):
                 model_name = event.info.name
+                for note in event.placement.notes:
+                    print(f"glmchat: note: {note}", file=sys.stderr)
                 if recorder is not None:
                     recorder.start(event.info, event.placement)
                 if verbose and (event.placement.runtime == "remote" or event.info.backend):
@@ -96,8 +120,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 elif verbose:
                     tiers = ", ".join(f"{n} on {t}" for t, n in
                                       sorted(event.placement.layers_per_tier.items()))
+                    weights = (f"; {event.info.quantize} weights"
+                               if event.info.quantize != "none" else "")
                     print(f"glmchat: loaded {event.info.name} in {event.load_s:.1f}s "
-                          f"(layers: {tiers})", file=sys.stderr)
+                          f"(layers: {tiers}{weights})", file=sys.stderr)
         for text in prompts:
             if recorder is None:
                 gen_id = client.generate(params, prompt=text, raw=args.raw)
@@ -140,9 +166,10 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                         print(f"glmchat: {stats_line(result)}"
                               + (f" {streaming}" if streaming else ""), file=sys.stderr)
             gen_id = None
-        if verbose and recorder is not None and recorder.path is not None:
+        if verbose and recorder is not None and recorder.path is not None \
+                and not recorder.save_error:
             print(f"glmchat: saved to {recorder.path}", file=sys.stderr)
-        return 0
+        return 1 if recorder is not None and recorder.save_error else 0
     except KeyboardInterrupt:
         if gen_id is not None and client.alive:
             with contextlib.suppress(GlmchatError, KeyboardInterrupt):

@@ -10,6 +10,7 @@ from glmchat.errors import UsageError
 
 Strategy = Literal["greedy", "sample", "beam"]
 STRATEGIES: tuple[str, ...] = ("greedy", "sample", "beam")
+BEAM_SCORERS: tuple[str, ...] = ("auto", "transformers", "glm130b")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GenerationParams:
     no_repeat_ngram_size: int = 0
     stop: list[str] = field(default_factory=list)
     system_prompt: str = ""
+    beam_scorer: str = "auto"  # "auto" = the model family's own; "transformers" | "glm130b"
 
     def validate(self) -> GenerationParams:
         """Raise UsageError naming the first bad value and what is allowed; return self."""
@@ -92,6 +94,8 @@ def param_problems(values: dict[str, Any]) -> list[str]:
     check("stop", isinstance(v.get("stop"), list)
           and all(isinstance(s, str) and s for s in v["stop"]), "use a list of non-empty strings")
     check("system_prompt", isinstance(v.get("system_prompt"), str), "use a string")
+    check("beam_scorer", v.get("beam_scorer") in BEAM_SCORERS,
+          "use " + ", ".join(BEAM_SCORERS) + " (auto = the model family's own)")
     if not out and {"num_return_sequences", "num_beams", "strategy"} <= v.keys():
         if v["strategy"] == "beam" and v["num_return_sequences"] > v["num_beams"]:
             out.append(f"num_return_sequences = {v['num_return_sequences']} is invalid: "

@@ -27,6 +27,10 @@ class ModelSpec:
     offload_runtime: str = "glmchat"
     offload_reader: str = "auto"  # glmchat runtime, CPU compute: "auto" | "mmap" | "direct"
     threads: int = 0
+    tokenizer: str = ""  # GLM-130B: ice_text.model; "" = the checkpoint dir, ~/.icetk_models
+    num_heads: int = 0  # GLM-130B: attention heads; 0 = from the checkpoint
+    quantize: str = "none"  # weight-only quantized decoder layers: "none" | "int8" | "int4"
+    quant_group: int = 32  # int4: group size along the input dimension
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
     backend: str = ""  # the server that generates (URL without credentials); "" = local
 
 
@@ -61,6 +66,8 @@ class Placement:
     n_layers: int
     runtime: str  # "resident" | "accelerate" | "glmchat"
     gpu_available: bool
+    quantize: str = "none"  # the weights' scheme: "none" | "int8" | "int4-g32" ...
+    notes: list[str] = field(default_factory=list)  # for the user: a runtime fallen back from
 
 
 @dataclass

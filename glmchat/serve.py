@@ -27,6 +27,7 @@ from typing import Any
 
 from glmchat import paths
 from glmchat.errors import UsageError
+from glmchat.usage import Parser
 
 DEFAULT_PORT = 8000
 
@@ -48,7 +49,7 @@ def default_socket() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     from glmchat.cli import add_model_flags
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="glmchat serve",
         description="Load the model once and serve it: OpenAI-compatible /v1/chat/completions "
                     "and /v1/completions, glmchat's native event stream, /health, /metrics.")

@@ -33,6 +33,17 @@ GPU_ALIGN = 256
 DIRECT_ALIGN = max(4096, mmap.PAGESIZE)  # O_DIRECT: offsets, lengths, buffers aligned to this
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 PAGE = mmap.PAGESIZE
+# Quantized layers (model/qlinear.py): their scales stay in the dtype the kernel takes.
+STORED_DTYPE_SUFFIXES = ("weight_scale", "weight_zero", "weight_scale_zeros")
+
+
+def compute_as(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor ``name`` (stored as ``stored``) is computed in, for compute ``dtype``:
+    floating weights in the compute dtype, integer (quantized) weights and their scales as
+    stored."""
+    if not stored.is_floating_point or name.endswith(STORED_DTYPE_SUFFIXES):
+        return stored
+    return dtype
 
 
 @dataclass
@@ -104,7 +115,8 @@ class MappedBackend:
         for name, location in zip(layer.names, layer.locations, strict=True):
             view = location.file.view(location)
             # Same dtype as stored: zero-copy. Otherwise converted here, off the compute thread.
-            tensors[name] = view if view.dtype == self.dtype else view.to(self.dtype)
+            want = compute_as(name, view.dtype, self.dtype)
+            tensors[name] = view if view.dtype == want else view.to(want)
         return Staged(layer, slot, tensors)
 
     def before_compute(self, staged: Staged) -> None:
@@ -181,7 +193,8 @@ class DirectBackend:
                                       self.tensor_offsets[layer.name], strict=True):
             flat = buffer[at:at + location.nbytes].view(location.dtype).view(location.shape)
             # Same dtype as stored: computed from the slot. Otherwise converted here.
-            tensors[name] = flat if flat.dtype == self.dtype else flat.to(self.dtype)
+            want = compute_as(name, flat.dtype, self.dtype)
+            tensors[name] = flat if flat.dtype == want else flat.to(want)
         return Staged(layer, slot, tensors)
 
     def _read(self, mapped: MappedFile, target: memoryview, start: int, end: int) -> None:
@@ -276,21 +289,23 @@ class CudaBackend:
                 mapped.will_need(start, end)
             staging = self.staging[slot]
             self.copied[slot].synchronize()  # the last copy out of this staging buffer is done
-            for location, offset in zip(layer.locations, offsets, strict=True):
-                count = math.prod(location.shape)
-                target = staging[offset:offset + count * self.dtype.itemsize]
-                target.view(self.dtype).copy_(location.file.view(location).reshape(-1))
+            for name, location, offset in zip(layer.names, layer.locations, offsets,
+                                              strict=True):
+                want = compute_as(name, location.dtype, self.dtype)
+                target = staging[offset:offset + math.prod(location.shape) * want.itemsize]
+                target.view(want).copy_(location.file.view(location).reshape(-1))
             source = staging
-        size = offsets[-1] + math.prod(layer.locations[-1].shape) * self.dtype.itemsize
+        last = compute_as(layer.names[-1], layer.locations[-1].dtype, self.dtype)
+        size = offsets[-1] + math.prod(layer.locations[-1].shape) * last.itemsize
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.computed[slot])  # the slot's last layer is done
             self.buffers[slot][:size].copy_(source[:size], non_blocking=True)
             self.copied[slot].record(self.copy_stream)
         tensors = {}
         for name, location, offset in zip(layer.names, layer.locations, offsets, strict=True):
-            count = math.prod(location.shape)
-            flat = self.buffers[slot][offset:offset + count * self.dtype.itemsize]
-            tensors[name] = flat.view(self.dtype).view(location.shape)
+            want = compute_as(name, location.dtype, self.dtype)
+            flat = self.buffers[slot][offset:offset + math.prod(location.shape) * want.itemsize]
+            tensors[name] = flat.view(want).view(location.shape)
         return Staged(layer, slot, tensors, ready=self.copied[slot])
 
     def before_compute(self, staged: Staged) -> None:
@@ -310,9 +325,9 @@ def _packed_offsets(layer: LayerWeights, dtype: torch.dtype) -> tuple[list[int],
     """Byte offsets of each tensor in a flat slot buffer (aligned), and the slot size."""
     offsets = []
     cursor = 0
-    for location in layer.locations:
+    for name, location in zip(layer.names, layer.locations, strict=True):
         offsets.append(cursor)
-        cursor += math.prod(location.shape) * dtype.itemsize
+        cursor += math.prod(location.shape) * compute_as(name, location.dtype, dtype).itemsize
         cursor += -cursor % GPU_ALIGN
     return offsets, cursor
 
@@ -321,8 +336,8 @@ def pin_layer(layer: LayerWeights, dtype: torch.dtype) -> torch.Tensor:
     """The layer packed as in a GPU slot, in page-locked host memory: pinned once, at load."""
     offsets, size = _packed_offsets(layer, dtype)
     pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    for location, offset in zip(layer.locations, offsets, strict=True):
-        count = math.prod(location.shape)
-        target = pinned[offset:offset + count * dtype.itemsize].view(dtype)
+    for name, location, offset in zip(layer.names, layer.locations, offsets, strict=True):
+        want = compute_as(name, location.dtype, dtype)
+        target = pinned[offset:offset + math.prod(location.shape) * want.itemsize].view(want)
         target.copy_(location.file.view(location).reshape(-1))
     return pinned

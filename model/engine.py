@@ -7,19 +7,13 @@ polled between decode steps so that Cancel takes effect within one token.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from glmchat import paths
 from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import (
@@ -29,58 +23,26 @@ from glmchat.protocol import (
     GenerationResult,
     LoadProgress,
     Memory,
-    ModelInfo,
     ModelSpec,
-    Placement,
     StepStats,
-    Timings,
     Token,
 )
 
+from . import family, glm_beam
 from . import generate as gen
-from . import offload, sources
 from . import placement as place
+from .clock import Clock as _Clock
+from .clock import RunContext
+from .family import LoadedModel
+from .family_transformers import DTYPES
 from .prompt_cache import ConversationCache
 from .textstream import TextStream, drain, stop_index
 
+__all__ = ["DTYPES", "Engine", "LoadedModel"]  # DTYPES, LoadedModel: their old home
+
 Emit = Callable[[Event], None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_EVERY_S = 0.5
-
-
-def _pick_dtype(spec_dtype: str, config: Any) -> torch.dtype:
-    if spec_dtype != "auto":
-        return DTYPES[spec_dtype]
-    configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(configured, str):
-        configured = DTYPES.get(configured)
-    if isinstance(configured, torch.dtype) and configured in DTYPES.values():
-        if configured != torch.float32 and place.gpu_count() == 0:
-            # Half precision matmuls are slow on most CPUs; float32 is the CPU's native speed.
-            return torch.float32
-        return configured
-    return torch.float32
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    configured = model.generation_config.eos_token_id
-    if isinstance(configured, int):
-        ids.append(configured)
-    elif isinstance(configured, list):
-        ids.extend(configured)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    info: ModelInfo
-    placement: Placement
-    offload: offload.OffloadRuntime | None = None  # our runtime, when it streams layers
+MAX_CHARS_PER_TOKEN = 64  # more characters than this per token of context cannot fit
 
 
 class Engine:
@@ -102,77 +64,7 @@ class Engine:
         self.conversation.clear()
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
-        progress(0, 4, f"checking {spec.path}")
-        resolved = sources.resolve(spec.path)
-        if resolved.needs_conversion:
-            sources.convert_gguf(resolved, progress)
-        weights_dir = resolved.weights_dir
-        progress(1, 4, f"reading {resolved.name} config")
-        try:
-            config = AutoConfig.from_pretrained(weights_dir)
-        except (ValueError, OSError, KeyError) as exc:
-            raise UsageError(f"{weights_dir}/config.json cannot be used: {exc}") from None
-        dtype = _pick_dtype(spec.dtype, config)
-        with init_empty_weights():
-            meta_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        n_params = sum(p.numel() for p in meta_model.parameters())
-
-        progress(2, 4, "placing layers")
-        device_map = place.compute_device_map(meta_model, spec, dtype)
-        offload_dir = Path(spec.offload_dir or paths.default_offload_dir()).expanduser()
-        runtime = "resident"
-        streamed = spec.offload_runtime == "glmchat" and offload.streams_layers(device_map)
-        if streamed:
-            runtime = "glmchat"
-        elif device_map is not None and "disk" in device_map.values():
-            runtime = "accelerate"
-            try:
-                offload_dir.mkdir(parents=True, exist_ok=True)
-                probe = offload_dir / f".probe-{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                raise UsageError(f"offload dir {offload_dir} is not writable ({exc.strerror}); "
-                                 "pass --offload-dir DIR") from None
-        if device_map is not None and len(set(device_map.values())) == 1:
-            only = next(iter(device_map.values()))
-            device_map = None if only == "cpu" else device_map
-
-        progress(3, 4, f"loading {resolved.name} weights ({_human(n_params)} parameters)")
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if device_map is not None:
-            kwargs.update(device_map=device_map, offload_folder=str(offload_dir))
-        streamer: offload.OffloadRuntime | None = None
-        try:
-            if streamed:
-                assert device_map is not None
-                streamer = offload.load_offloaded(meta_model, weights_dir, device_map, dtype,
-                                                  offload.compute_device(device_map),
-                                                  reader=spec.offload_reader)
-                model, device_map = meta_model, streamer.device_map
-                with contextlib.suppress(OSError):
-                    model.generation_config = GenerationConfig.from_pretrained(weights_dir)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
-            del meta_model
-            tokenizer = AutoTokenizer.from_pretrained(weights_dir)
-        except (OSError, ValueError, RuntimeError) as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(f"{weights_dir} cannot be loaded: {first_line}") from None
-        model.eval()
-        n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-        placement = place.summarize(model, device_map, runtime)
-        context = int(getattr(config, "max_position_embeddings", 0)
-                      or getattr(tokenizer, "model_max_length", 2048))
-        info = ModelInfo(
-            name=resolved.name, source=spec.path, weights_dir=str(weights_dir),
-            digest=resolved.digest, architecture=(config.architectures or ["?"])[0],
-            n_params=n_params, dtype=str(dtype).removeprefix("torch."),
-            n_layers=int(getattr(config, "num_hidden_layers", placement.n_layers)),
-            context_length=context, has_chat_template=bool(tokenizer.chat_template),
-            eos_token_ids=_eos_ids(model, tokenizer))
-        self.loaded = LoadedModel(model, tokenizer, info, placement, streamer)
-        progress(4, 4, f"{resolved.name} ready")
+        self.loaded = family.for_source(spec.path).load(spec, progress)
         return self.loaded
 
     # ---- memory ---------------------------------------------------------------------------------
@@ -191,26 +83,19 @@ class Engine:
 
     def prompt_ids(self, request: Generate) -> list[int]:
         assert self.loaded is not None
-        tokenizer = self.loaded.tokenizer
-        params = request.params
-        use_template = not request.raw and self.loaded.info.has_chat_template
-        if use_template:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            if not messages:
-                messages = [{"role": "user", "content": request.prompt}]
-            if not any(m["content"].strip() for m in messages if m["role"] == "user"):
-                raise UsageError("the prompt is empty; type a question or pipe some text")
-            if params.system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": params.system_prompt})
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        text = request.prompt or "\n".join(m.content for m in request.messages)
-        if not text.strip():
-            raise UsageError("the prompt is empty; type a question or pipe some text")
-        return [int(i) for i in tokenizer(text)["input_ids"]]
+        return self._family().prompt_ids(self.loaded, request)
+
+    def _family(self) -> family.ModelFamily:
+        assert self.loaded is not None
+        return self.loaded.family or family.for_source(self.loaded.info.source)
+
+    def _run_context(self, clock: _Clock) -> RunContext:
+        assert self.loaded is not None
+        return RunContext(model=self.loaded.model, tokenizer=self.loaded.tokenizer,
+                          info=self.loaded.info, emit=self.emit, clock=clock,
+                          step_stats=lambda gen_id, timing, new_tokens: self._step_stats(
+                              gen_id, timing, clock, new_tokens),
+                          memory=self.memory)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -219,15 +104,20 @@ class Engine:
             raise GlmchatError("no model is loaded; wait for the model to load")
         started = time.perf_counter()
         # ---- infill hook: a prompt with [MASK]/[sMASK]/[gMASK] blanks, in any mode, goes raw
-        # (no chat template) to model/infill.py, which fills the blanks left to right.
-        from . import infill
-
-        masked = infill.masked_prompt(request)
+        # (no chat template) to the family's blank filler (model/infill.py for transformers).
+        masked = self._family().blanks(self.loaded, request)
         if masked is not None:
-            return infill.run_infill(self, request, masked, should_stop, _Clock(started))
+            with self._idle_after():
+                return self._family().fill_blanks(self._run_context(_Clock(started)), request,
+                                                  masked, should_stop)
         # ---- end of infill hook
         params = request.params.validate()
         model, tokenizer, info = self.loaded.model, self.loaded.tokenizer, self.loaded.info
+        characters = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        if characters > info.context_length * MAX_CHARS_PER_TOKEN:
+            # Far too long whatever the tokenizer does: say so now, not after tokenizing it.
+            raise UsageError(f"the prompt is {characters} characters, far more than the "
+                             f"{info.context_length} tokens {info.name} reads; shorten it")
         prompt = self.prompt_ids(request)
         room = info.context_length - len(prompt)
         if room <= 0:
@@ -331,9 +221,13 @@ class Engine:
                             provisional=True))
             self._step_stats(gen_id, timing, clock, len(best))
 
+        scorer = params.beam_scorer
+        if scorer == "auto":
+            scorer = self._family().default_beam_scorer
+        search = glm_beam.beam_search if scorer == "glm130b" else gen.beam_search
         try:
-            found = gen.beam_search(model, prompt_ids, settings, hits_stop=hits_stop,
-                                    should_stop=should_stop, on_step=on_step, timing=timing)
+            found = search(model, prompt_ids, settings, hits_stop=hits_stop,
+                           should_stop=should_stop, on_step=on_step, timing=timing)
         except gen.Cancelled:
             text = _cut(decode(best_so_far), stops)
             return "cancelled", list(best_so_far), text, [
@@ -369,39 +263,3 @@ class Engine:
 def _cut(text: str, stops: Sequence[str]) -> str:
     cut = stop_index(text, stops) if stops else None
     return text if cut is None else text[:cut]
-
-
-class _Clock:
-    """Wall-clock marks of one generation: start, first token, last token."""
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def token(self) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-        self.last = now
-
-    def timings(self, timing: gen.StepTiming, new_tokens: int) -> Timings:
-        now = time.perf_counter()
-        first = self.first if self.first is not None else now
-        last = self.last if self.last is not None else first
-        decode_tokens = max(0, new_tokens - 1)
-        decode_s = last - first
-        return Timings(
-            prefill_tokens=timing.prefill_tokens, prefill_s=timing.prefill_s,
-            prefill_tokens_per_s=(timing.prefill_tokens / timing.prefill_s
-                                  if timing.prefill_s > 0 else 0.0),
-            ttft_s=first - self.started, decode_tokens=decode_tokens, decode_s=decode_s,
-            decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
-            total_s=now - self.started)
-
-
-def _human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)

@@ -3,9 +3,9 @@
 How one blank is filled depends on the model, behind one seam (``InfillStrategy``), picked by
 ``choose_strategy``:
 
-  native  the model fills blanks itself. GLM-130B will plug in here: its mask tokens, <sop> and
-          2D positions as in its generate.py. A model class offers it by defining
-          ``glmchat_infill_strategy() -> InfillStrategy``.
+  native  the model fills blanks itself. A model class offers it by defining
+          ``glmchat_infill_strategy() -> InfillStrategy``. (GLM-130B's own blank loop, with its
+          mask tokens, sop and positions, is its family's ``fill_blanks``: glm_generate.py.)
   fim     the tokenizer has fill-in-the-middle tokens (StarCoder, SantaCoder, CodeLlama,
           DeepSeek-Coder, Qwen2.5-Coder): the model's own format, found in the vocabulary
           (fim.py).
@@ -26,7 +26,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -45,11 +45,9 @@ from glmchat.protocol import Beam, Generate, GenerationResult, Span, Token
 
 from . import generate as gen
 from . import rerank
+from .clock import RunContext
 from .fill import Blank, Candidate, FillContext, Filled, beam_fills, sampled_fills, stream_fill
 from .fim import FimStrategy, detect_fim
-
-if TYPE_CHECKING:
-    from .engine import Engine, _Clock
 
 BLANK_TOKENS = {MASK: 16, SMASK: 48}
 PROPOSALS = 4  # at least this many proposals per blank for the re-ranker
@@ -160,11 +158,11 @@ def _spliced(text: str, strip_leading: bool) -> str:
 # the loop over blanks
 
 
-def run_infill(engine: Engine, request: Generate, masked: MaskedText,
-               should_stop: Callable[[], bool], clock: _Clock) -> GenerationResult:
-    assert engine.loaded is not None and masked.kind is not None
+def run_infill(run: RunContext, request: Generate, masked: MaskedText,
+               should_stop: Callable[[], bool]) -> GenerationResult:
+    assert masked.kind is not None
     params = request.params.validate()
-    model, tokenizer, info = engine.loaded.model, engine.loaded.tokenizer, engine.loaded.info
+    model, tokenizer, info, clock = run.model, run.tokenizer, run.info, run.clock
     kind = masked.kind
     notes = masked.warnings()
     if kind == SMASK and SMASK not in _noted:
@@ -182,11 +180,11 @@ def run_infill(engine: Engine, request: Generate, masked: MaskedText,
     made = 0  # tokens of the blanks filled so far
 
     def on_text(text: str, token_id: int) -> None:
-        engine.emit(Token(id=request.id, text=text, token_id=token_id))
+        run.emit(Token(id=request.id, text=text, token_id=token_id))
 
     def on_step(fill_tokens: int) -> None:
         clock.token()
-        engine._step_stats(request.id, timing, clock, made + fill_tokens)
+        run.step_stats(request.id, timing, made + fill_tokens)
 
     ctx = FillContext(
         model=model, tokenizer=tokenizer, params=params, eos_token_ids=tuple(info.eos_token_ids),
@@ -252,7 +250,7 @@ def run_infill(engine: Engine, request: Generate, masked: MaskedText,
         finish = "length"
     else:
         finish = finishes[-1] if finishes and finishes[-1] == "eos" else "stop"
-    engine.emit(engine.memory())
+    run.emit(run.memory())
     return GenerationResult(
         text=text, token_ids=token_ids, prompt_token_ids=prompt_ids, finish_reason=finish,
         strategy=params.strategy, seed=seed, params=params,

@@ -38,9 +38,11 @@ from .backends import (
     DirectBackend,
     LayerWeights,
     MappedBackend,
+    compute_as,
     pin_layer,
 )
-from .mapped import MappedCheckpoint, OffloadError, TensorLocation, merged_ranges
+from .checkpoint_names import NotStreamable, checkpoint_names
+from .mapped import MappedCheckpoint, TensorLocation, merged_ranges
 from .streamer import LayerStreamer, StreamStats
 
 # Device-map tiers whose layers the runtime streams, per compute device type.
@@ -104,6 +106,7 @@ class OffloadRuntime:
     checkpoint: MappedCheckpoint
     device: torch.device
     device_map: dict[str, str]  # module → "cuda:0" | "cpu" | "disk", as the runtime placed it
+    quantize: str = "none"  # the weights' scheme (model/quant.py), for the panels
 
     @property
     def stats(self) -> StreamStats:
@@ -119,6 +122,7 @@ class OffloadRuntime:
             "stream_gb_per_s": (s.bytes_per_token / step_s / 1e9) if step_s > 0 else 0.0,
             "reader_wait_s": round(s.wait_s, 4), "slots": s.slots,
             "release_behind": s.release_behind, "reader": s.reader,
+            "quantize": self.quantize,
         }
 
     def idle(self) -> None:
@@ -169,8 +173,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
             best = (name, module)
     if best is None:
-        raise OffloadError(f"{type(model).__name__} has no list of decoder layers to stream; "
-                           "use --offload-runtime accelerate")
+        raise NotStreamable(f"{type(model).__name__} has no list of decoder layers to stream")
     return best
 
 
@@ -251,6 +254,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
           dtype: torch.dtype, device: torch.device, prefetch: int,
           release_behind: bool | None, reader: str) -> OffloadRuntime:
     layers_name, layer_list = decoder_layers(model)
+    # Checkpoint keys renamed as transformers renames them (GPT-NeoX's embed_out → lm_head).
+    stored = checkpoint_names(model, checkpoint.locations)
     n_layers = len(layer_list)
     on_gpu = device.type == "cuda"
     slots = prefetch + 1
@@ -291,7 +296,7 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
         # 150k x 12288 table that is 3.8 GB a token not read).
         embeddings = {name for name, module in model.named_modules()
                       if name in unit_order and isinstance(module, nn.Embedding)
-                      and _stored_dtype(checkpoint, f"{name}.weight") == dtype}
+                      and _stored_dtype(checkpoint, stored.get(f"{name}.weight", "")) == dtype}
         unit_order = [name for name in unit_order if name not in embeddings]
 
     tie = getattr(model, "tie_weights", None)
@@ -302,18 +307,16 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
     for name, param in model.named_parameters(remove_duplicate=False):
         first = by_id.setdefault(id(param), name)
         aliases.setdefault(first, []).append(name)
-    wanted = list(aliases) + [n for n, _ in model.named_buffers() if n in checkpoint.locations]
 
     def unit_of(name: str) -> str | None:
         return next((u for u in unit_order if name.startswith(u + ".")), None)
 
+    wanted = list(aliases) + [n for n, _ in model.named_buffers() if n in stored]
     per_unit: dict[str, list[tuple[str, TensorLocation]]] = {u: [] for u in unit_order}
     for name in wanted:
-        key = next((a for a in aliases.get(name, [name]) if a in checkpoint.locations), None)
+        key = next((stored[a] for a in aliases.get(name, [name]) if a in stored), None)
         if key is None:
-            raise OffloadError(f"the checkpoint has no tensor {name}; the glmchat offload "
-                               "runtime loads checkpoints whose names match the model's — use "
-                               "--offload-runtime accelerate")
+            raise NotStreamable(f"the checkpoint has no tensor for {name}")
         location = checkpoint.locations[key]
         kept: list[str] = []
         mapped: list[str] = []
@@ -329,8 +332,8 @@ def _load(model: nn.Module, checkpoint: MappedCheckpoint, device_map: dict[str, 
             _set_tensor(model, {name: mapped}, name, checkpoint.view(key))
         if kept:
             view = checkpoint.view(key)
-            owned = torch.empty(view.shape, dtype=dtype if view.is_floating_point()
-                                else view.dtype, device=device)
+            owned = torch.empty(view.shape, dtype=compute_as(key, view.dtype, dtype),
+                                device=device)
             _set_tensor(model, {name: kept}, name, owned.copy_(view))
 
     units = []

@@ -129,7 +129,14 @@ class Worker:
         self.send(engine.memory())
 
     def _generate(self, engine: Engine, request: Generate) -> None:
+        stall = debug_stall(os.environ.get("GLMCHAT_DEBUG_STALL", ""))
+        steps = 0
+
         def should_stop() -> bool:
+            nonlocal steps
+            steps += 1
+            if stall is not None:
+                stall(steps)
             return request.id in self.cancelled or self.shutting_down.is_set()
 
         result = engine.generate(request, should_stop)
@@ -151,6 +158,25 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.send(Failed(id=gen_id, error=f"{type(exc).__name__}: {first}"))
+
+
+def debug_stall(setting: str) -> Callable[[int], None] | None:
+    """A fault injector for the tests (tests/faults): GLMCHAT_DEBUG_STALL="slow:S" makes every
+    decode step S seconds slower; "hang:N" hangs step N for good, deaf to Cancel and Shutdown,
+    as a forward stuck in a kernel would. Empty: None, no cost."""
+    kind, _, value = setting.partition(":")
+    if kind == "slow":
+        delay = float(value)
+        return lambda step: time.sleep(delay)
+    if kind == "hang":
+        at = int(value)
+
+        def hang(step: int) -> None:
+            while step >= at:
+                time.sleep(3600)
+
+        return hang
+    return None
 
 
 def run_worker(conn: Connection, parent_pid: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from glmchat.cli import add_backend_flags, add_model_flags, config_from, guarded
 from glmchat.errors import UsageError
+from glmchat.usage import Parser
 
 from .domain import Session
 from .export import show_text
@@ -43,8 +44,8 @@ def _store(args: argparse.Namespace) -> SessionStore:
 
 
 def sessions_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmchat sessions",
-                                     description="List, show, export and remove saved sessions.")
+    parser = Parser(prog="glmchat sessions",
+                    description="List, show, export and remove saved sessions.")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="config file to use instead of the user's config.toml")
     commands = parser.add_subparsers(dest="command", metavar="{list,show,export,rm}")
@@ -141,14 +142,14 @@ def sessions_main(argv: list[str]) -> int:
 
 
 def replay_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="glmchat replay",
         description="Generate every reply of a saved session again, with the recorded model, "
                     "params and seed, streaming as it goes.")
     parser.add_argument("ref", metavar="FILE", help="a session file (or a session id)")
     parser.add_argument("--check", action="store_true",
-                        help="compare token ids: exit 0 when all match, 1 with the first "
-                             "divergence otherwise")
+                        help="compare token ids and texts: exit 0 when all match, 1 with the "
+                             "first divergence otherwise")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="config file to use instead of the user's config.toml")
     parser.add_argument("-v", "--verbose", action="store_true", help="model load progress")
@@ -164,7 +165,8 @@ def _replay(args: argparse.Namespace) -> int:
     session = SessionStore(config.sessions.path()).open(args.ref)
     _warn(session)
     replayer = Replayer(session, config, check=args.check, path_typed="model" in vars(args),
-                        dtype_typed="dtype" in vars(args), verbose=args.verbose)
+                        dtype_typed="dtype" in vars(args), verbose=args.verbose,
+                        quantize_typed="quantize" in vars(args) or "quant_group" in vars(args))
     report = replayer.run()
     if not args.check:
         return 0

@@ -29,6 +29,7 @@ class ModelRecord:
     architecture: str = ""
     n_params: int = 0
     context_length: int = 0
+    quantize: str = "none"  # the weights' scheme ("int8", "int4-g32", …)
     backend: str = ""  # the server that generated (URL without credentials); "" = local worker
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from glmchat.config import Config
-from glmchat.errors import UsageError
+from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import ChatMessage, GenerationResult, Loaded, ModelInfo, Placement
 
@@ -41,8 +42,8 @@ from .domain import (
     UserTurn,
     result_of,
 )
-from .records import model_record, placement_summary
-from .store import SessionStore, new_event_id, utc_now
+from .records import SessionWriteError, model_record, placement_summary
+from .store import SessionStore, check_writable, new_event_id, utc_now
 
 
 class _Head:
@@ -97,6 +98,10 @@ class SessionRecorder:
         self._conversation_ids: list[str] = []  # observe(): turn ids parallel to the turns
         self._regenerating: str | None = None  # observe(): the reply being made again
         self.notes: list[str] = []  # for the user: lines skipped on resume, a model gone
+        # A write that failed: why. From then on events are kept in memory only (the file is
+        # left as it was) until ``save_as`` writes everything to a new file.
+        self.save_error: str | None = None
+        self.on_save_error: Callable[[str], None] | None = None  # told once per failure
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -126,8 +131,9 @@ class SessionRecorder:
             self.session = self.store.new_session(model, summary, path=path)
             return
         current = session.latest_model()
-        if (current.source, current.digest, current.dtype, current.backend) != (
-                model.source, model.digest, model.dtype, model.backend):
+        if (current.source, current.digest, current.dtype, current.backend,
+                current.quantize) != (model.source, model.digest, model.dtype, model.backend,
+                                      model.quantize):
             self._write(ModelChanged(new_event_id("m"), utc_now(), model, summary))
 
     def new(self) -> None:
@@ -135,6 +141,7 @@ class SessionRecorder:
         if self.session is not None:
             self.session = self.store.new_session(*self.session.current_model())
         self._path = None
+        self.save_error = None  # a new file: try writing again
         self._conversation_ids = []
         self._regenerating = None
 
@@ -144,11 +151,37 @@ class SessionRecorder:
         return self.session
 
     def _write(self, *events: SessionEvent) -> None:
+        """Append to the file; a failed write never raises: it is kept in memory, and
+        ``on_save_error`` (or ``notes``) hears about it once."""
         session = self._session()
-        if self.save:
-            self.store.append(session, *events)
-        else:
-            session.events.extend(events)
+        if self.save and self.save_error is None:
+            try:
+                self.store.append(session, *events)
+                return
+            except SessionWriteError as exc:
+                self.save_error = str(exc)
+                session.events.extend(events)
+                if self.on_save_error is not None:
+                    self.on_save_error(self.save_error)
+                else:
+                    self.notes.append(self.save_error)
+                return
+        session.events.extend(events)
+
+    def save_as(self, path: Path) -> Path:
+        """Write the whole conversation so far to a new session file ``path`` and keep saving
+        there (/save PATH: after a failed write, or to save a --no-save chat after all).
+        Raises GlmchatError when there is nothing to save or ``path`` cannot be written."""
+        session = self.session
+        if session is None:
+            raise GlmchatError("nothing to save yet: the conversation is recorded once the "
+                               "model has loaded")
+        path = path.expanduser()
+        check_writable(path, new=True)
+        self.store.write_copy(session, path)
+        session.path = path
+        self.save, self.save_error, self._path = True, None, path
+        return path
 
     def _parent(self, parent: Parent) -> str | None:
         return self._session().head() if isinstance(parent, _Head) else parent
@@ -273,7 +306,7 @@ class SessionRecorder:
 
     def observe(self, conversation: _ConversationLike, change: _ChangeLike) -> None:
         """Record a Conversation change. Assumes the front end sent the turns before a reply
-        as its chat messages (Conversation.messages()). Write failures raise SessionFileError."""
+        as its chat messages (Conversation.messages()). Write failures go to on_save_error."""
         ids = self._conversation_ids
         kind, index = change.kind, change.index
         if kind == "model":
@@ -327,9 +360,13 @@ def open_recorder(config: Config, args: argparse.Namespace, *,
     explicit = session_file is not None or (oneshot and bool(resume))
     save = not no_save and (explicit or config.sessions.save)
     store = SessionStore(config.sessions.path())
+    if session_file is not None and save:
+        check_writable(session_file.expanduser())  # before any generation: exit 2 now
     recorder = SessionRecorder(store, save=save, path=session_file)
     if resume:
         recorder.resume(resume)
+        if explicit and save:
+            check_writable(recorder._session().path)
     elif session_file is not None and session_file.is_file() and session_file.stat().st_size:
         recorder.resume(session_file)
     latest = recorder.session.latest_model() if recorder.session is not None else None

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from glmchat.errors import UsageError
+from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import Beam, ChatMessage, ModelInfo, Placement, Span, Timings
 
@@ -46,6 +46,12 @@ class SessionFileError(UsageError):
     """A file that cannot be read as a session: not one, damaged, or from a newer glmchat."""
 
 
+class SessionWriteError(GlmchatError):
+    """A session file that could not be written (disk full, I/O error, file size limit, made
+    read-only or replaced): a runtime failure, exit code 1. What was not written is kept in
+    memory by the recorder."""
+
+
 class BadRecord(ValueError):
     """One line that is JSON but not a valid event; the loader skips it with a warning."""
 
@@ -56,7 +62,8 @@ class BadRecord(ValueError):
 def model_record(info: ModelInfo) -> ModelRecord:
     return ModelRecord(name=info.name, source=info.source, digest=info.digest, dtype=info.dtype,
                        architecture=info.architecture, n_params=info.n_params,
-                       context_length=info.context_length, backend=info.backend)
+                       context_length=info.context_length, quantize=info.quantize,
+                       backend=info.backend)
 
 
 def placement_summary(placement: Placement) -> PlacementSummary:
@@ -168,6 +175,7 @@ def _model_from(record: Any) -> ModelRecord:
         architecture=_get(record, "architecture", str, ""),
         n_params=_get(record, "n_params", int, 0),
         context_length=_get(record, "context_length", int, 0),
+        quantize=_get(record, "quantize", str, "none"),
         backend=_get(record, "backend", str, ""))
 
 

@@ -1,5 +1,5 @@
 """Replay: generate every recorded reply again, with the recorded model, request, params and
-seed, and (with check) compare the token ids.
+seed, and (with check) compare the token ids and the texts.
 
 Greedy and beam search are deterministic; sampling draws from a generator seeded with the
 recorded seed, so it repeats on the same machine and dtype. A reply stopped by the user is
@@ -132,31 +132,58 @@ def compare(label: str, turn: AssistantTurn, result: GenerationResult) -> str:
                                        new.token_ids, old.text, new.text)
     if len(turn.beams) != len(result.beams):
         return f"{label}: recorded {len(turn.beams)} beams, replayed {len(result.beams)}"
+    # The same tokens: the worker's text is what they decode to (stop strings cut), so a
+    # recorded text that differs was changed after it was recorded.
+    if turn.text != result.text:
+        return describe_text_divergence(label, "the reply's text", turn.text, result.text)
+    for i, (old, new) in enumerate(zip(turn.beams, result.beams, strict=False)):
+        if old.text != new.text:
+            return describe_text_divergence(label, f"beam {i + 1}'s text", old.text, new.text)
     return ""
 
 
+def describe_text_divergence(label: str, what: str, recorded: str, replayed: str) -> str:
+    """Tokens that match but a text that does not: where the texts part."""
+    at = next((i for i, (x, y) in enumerate(zip(recorded, replayed, strict=False)) if x != y),
+              min(len(recorded), len(replayed)))
+    return "\n".join([
+        f"{label}: {what} diverges at character {at}: the recorded text is not what the "
+        f"recorded tokens decode to (edited after it was saved?) "
+        f"(recorded {len(recorded)} characters, replayed {len(replayed)})",
+        f"  recorded text  {_text_around(recorded, at)}",
+        f"  replayed text  {_text_around(replayed, at)}",
+    ])
+
+
 def model_spec(config: Config, recorded: ModelRecord, path_typed: bool,
-               dtype_typed: bool) -> ModelSpec:
-    """The recorded model and dtype, placed the way this machine's config says; a --model or
-    --dtype typed on the command line wins."""
+               dtype_typed: bool, quantize_typed: bool = False) -> ModelSpec:
+    """The recorded model, dtype and weight scheme, placed the way this machine's config says;
+    a --model, --dtype or --quantize typed on the command line wins."""
     spec = config.model.spec()
     path = spec.path if path_typed else recorded.source
     dtype = spec.dtype if dtype_typed else recorded.dtype
+    scheme, group = spec.quantize, spec.quant_group
+    if not quantize_typed:  # "int4-g32" → ("int4", 32)
+        scheme, _, rest = recorded.quantize.partition("-g")
+        group = int(rest) if rest.isdigit() else spec.quant_group
     if path != "default" and not Path(path).expanduser().exists():
         raise UsageError(f"the session's model {path} is not there; pass --model PATH to "
                          "replay with a copy of it")
     return ModelSpec(path=path, dtype=dtype, gpu_memory=spec.gpu_memory,
                      cpu_memory=spec.cpu_memory, offload_dir=spec.offload_dir,
                      offload_runtime=spec.offload_runtime,
-                     offload_reader=spec.offload_reader, threads=spec.threads)
+                     offload_reader=spec.offload_reader, threads=spec.threads,
+                     tokenizer=spec.tokenizer, num_heads=spec.num_heads,
+                     quantize=scheme, quant_group=group)
 
 
 class Replayer:
     def __init__(self, session: Session, config: Config, *, check: bool, path_typed: bool = False,
                  dtype_typed: bool = False, verbose: bool = False, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> None:
+                 err: TextIO = sys.stderr, quantize_typed: bool = False) -> None:
         self.session, self.config, self.check, self.verbose = session, config, check, verbose
         self.path_typed, self.dtype_typed = path_typed, dtype_typed
+        self.quantize_typed = quantize_typed
         self.out, self.err = out, err
         self.client: Backend | None = None
         self._loaded_spec: ModelSpec | None = None
@@ -213,7 +240,8 @@ class Replayer:
             spec = dataclasses.replace(spec, path=spec.path if self.path_typed
                                        else recorded.source)
         else:
-            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed)
+            spec = model_spec(self.config, recorded, self.path_typed, self.dtype_typed,
+                              self.quantize_typed)
         if spec == self._loaded_spec:
             return
         self.say(f"loading {recorded.name or spec.path} ({spec.path}, {spec.dtype})")

@@ -30,6 +30,7 @@ from .records import (
     FORMAT_VERSION,
     BadRecord,
     SessionFileError,
+    SessionWriteError,
     dump_line,
     event_from_record,
     event_to_record,
@@ -94,13 +95,51 @@ def append_lines(path: Path, lines: bytes, header: bytes | None = None) -> bool:
             # skips the fragment with a warning.
             data = b"\n" + lines
         view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            # Disk full, size limit, I/O error: take back the part that was written, so the
+            # file ends with the last whole event as it did before.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
     if created:
         _fsync_dir(path.parent)
     return created
+
+
+def check_writable(path: Path, *, new: bool = False) -> None:
+    """Raise SessionFileError (a usage error) unless a session can be appended to ``path``
+    (``new``: created there, nothing there yet). Its directory must exist: a typo in a
+    --session path is an error, not a new directory tree."""
+    where = path.parent
+    if path.is_dir():
+        raise SessionFileError(f"{path} is a directory; pass a session file path")
+    if not where.exists():
+        raise SessionFileError(f"cannot save to {path}: the directory {where} does not exist; "
+                               "create it or pass another --session path")
+    if not where.is_dir():
+        raise SessionFileError(f"cannot save to {path}: {where} is not a directory")
+    if path.exists():
+        if new:
+            raise SessionFileError(f"{path} exists already; pick a new file name")
+        probe_target: Path | None = None
+        flags = os.O_WRONLY | os.O_APPEND
+    else:
+        probe_target = where / f".glmchat-probe-{os.getpid()}-{secrets.token_hex(3)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        os.close(os.open(probe_target or path, flags, 0o600))
+    except OSError as exc:
+        raise SessionFileError(f"cannot save to {path} ({exc.strerror or exc}); pass a "
+                               "writable --session path, or --no-save") from None
+    finally:
+        if probe_target is not None:
+            with contextlib.suppress(OSError):
+                probe_target.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -209,9 +248,28 @@ class SessionStore:
         try:
             append_lines(session.path, lines, dump_line(header_to_record(session.header)))
         except OSError as exc:
-            raise SessionFileError(f"cannot save to {session.path} ({exc.strerror}); pass "
-                                   "--no-save to chat without saving") from None
+            raise SessionWriteError(f"cannot save to {session.path} "
+                                    f"({exc.strerror or exc})") from None
         session.events.extend(events)
+
+    def write_copy(self, session: Session, path: Path) -> None:
+        """Write the whole session (header and every event) to a new file ``path``: to a
+        temporary file next to it, fsynced, then renamed, so ``path`` is whole or absent."""
+        check_writable(path, new=True)
+        data = dump_line(header_to_record(session.header)) + b"".join(
+            dump_line(event_to_record(e)) for e in session.events)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+        try:
+            with temporary.open("xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temporary, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise SessionWriteError(f"cannot save to {path} ({exc.strerror or exc})") from None
+        _fsync_dir(path.parent)
 
     # ---- finding and reading
 

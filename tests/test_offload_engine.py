@@ -157,13 +157,19 @@ def test_bench_make_model_and_offload_tiny_random(tmp_path: Path) -> None:
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     results = tmp_path / "bench.json"
     bench = run_cli("bench", "offload", "--model", str(out), "--cpu-memory", "0",
-                    "--new-tokens", "4", "--json", str(results))
+                    "--new-tokens", "4", "--json", str(results), "--quantize", "int8")
     assert bench.returncode == 0, bench.stderr
-    assert "greedy tokens identical across engines and regimes: yes" in bench.stdout
+    assert "greedy tokens identical across engines and regimes (float32 compute): yes" \
+        in bench.stdout
+    assert "(float32 compute, int8 weights): yes" in bench.stdout
     runs = json.loads(results.read_text())["runs"]
     assert {(r["engine"], r["regime"]) for r in runs} == {
         ("resident", "warm"), ("accelerate", "warm"), ("accelerate", "cold"),
-        ("glmchat", "warm"), ("glmchat", "cold"), ("glmchat:mmap", "cold")}
+        ("glmchat", "warm"), ("glmchat", "cold"), ("glmchat:mmap", "cold"),
+        ("glmchat:default", "warm"), ("glmchat:default", "cold"),  # no flags: what users get
+        ("glmchat:int8", "warm"), ("glmchat:int8", "cold")}
+    bytes_per_token = {(r["engine"], r["regime"]): r["bytes_per_token"] for r in runs}
+    assert bytes_per_token[("glmchat:int8", "cold")] < bytes_per_token[("glmchat", "cold")]
     readers = {(r["engine"], r["regime"]): r["reader"] for r in runs}
     assert readers[("glmchat", "warm")] == "mmap"  # auto, for a model that fits in RAM
     assert readers[("glmchat", "cold")] == "direct"  # what auto picks for one that does not

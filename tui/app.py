@@ -6,12 +6,12 @@ worker's last event, live in ``chat_core.ChatCore``, its base class.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from typing import ClassVar
 
 from glmchat.tui import commands
-from glmchat.tui.chat_core import ChatCore, Options
+from glmchat.tui.chat_core import ChatCore, InFlight, Options
+from glmchat.tui.conversation import Conversation
 from glmchat.tui.format import stats_line
 from glmchat.tui.widgets.key_bar import KeyBar
 from glmchat.tui.widgets.prompt import PromptEditor
@@ -25,10 +25,13 @@ from textual.screen import ModalScreen
 from textual.widgets import TextArea
 
 from glmchat.config import Config
+from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
 
 __all__ = ["GlmchatApp", "Options", "make_app", "run_tui"]  # Options: for the tests
 
+QUIT_GRACE_S = 0.5  # after Ctrl+Q: how long the worker has to exit by itself
+STOP_GRACE_S = 5.0  # after Esc: how long the worker has to stop before it is replaced
 KEYS_HELP = ("Keys: Enter send · Ctrl+J newline · Esc stop the reply · Ctrl+R regenerate · "
              "Ctrl+E edit the last prompt (or Tab to a prompt, Enter) · Ctrl+B beams · "
              "F2 settings · Ctrl+N new chat · Up/Down history · Ctrl+Q quit")
@@ -58,7 +61,8 @@ class GlmchatApp(ChatCore):
         yield KeyBar(id="keys")
 
     async def on_mount(self) -> None:
-        self.conversation.on_warning = lambda text: self.notify(text, severity="warning")
+        # Said in the transcript, where it happened (a session that could not be saved).
+        self.conversation.on_warning = self._warn_in_transcript
         self.panel.show_settings(self.params)
         self.editor.focus()
         await self._show_resumed()
@@ -78,6 +82,9 @@ class GlmchatApp(ChatCore):
         for note in self.conversation.notes:
             await self.transcript.add_notice(note, "error")
 
+    def _warn_in_transcript(self, text: str) -> None:
+        self.call_later(self.transcript.add_notice, text, "error")
+
     def _start_engine(self) -> None:
         self.load_started = time.monotonic()
         self.link.start()
@@ -85,8 +92,10 @@ class GlmchatApp(ChatCore):
         # not when the first reply starts streaming.
         self.run_worker(_warm_markdown, thread=True, name="warm-markdown", exit_on_error=False)
 
-    async def on_unmount(self) -> None:
-        await asyncio.to_thread(self.link.close)
+    def on_unmount(self) -> None:
+        # Quitting gives the terminal back at once: the worker is told to shut down and is
+        # reaped after the screen is restored (run_tui), not waited for here.
+        self.link.shutdown_soon()
 
     # ---- the prompt -----------------------------------------------------------------------------
 
@@ -136,12 +145,24 @@ class GlmchatApp(ChatCore):
             flight.stopping = True
             flight.reply.set_status("stopping…")
             self.link.cancel(flight.gen_id)
+            self.set_timer(STOP_GRACE_S, lambda: self._stop_overdue(flight))
         elif self.editing is not None:
             self.editing = None
             self._show_editing(None)
             self.editor.clear()
         elif isinstance(self.screen, ModalScreen):
             self.screen.dismiss(None)
+
+    async def _stop_overdue(self, flight: InFlight) -> None:
+        """Stop was pressed and the worker has not answered (a stuck forward): keep what came,
+        and replace the worker so the chat can go on."""
+        if self.in_flight is not flight:
+            return
+        await self._failed(flight, "the worker did not stop")
+        await self.transcript.add_notice(
+            "The worker did not stop the reply (stuck?): restarting it. The conversation is "
+            "kept.", "error")
+        self.restart_worker()
 
     def action_interrupt(self) -> None:
         """Ctrl+C: stop a reply, copy a selection, else say how to quit. Never a traceback."""
@@ -281,8 +302,20 @@ class GlmchatApp(ChatCore):
             await self.action_quit()
         elif action == "beams":
             self.action_beams()
+        elif action == "save":
+            await self.transcript.add_notice(*save_conversation(self.conversation, outcome.text))
         else:
             await self.run_action(action)  # clear, settings, help
+
+
+def save_conversation(conversation: Conversation, path: str) -> tuple[str, str]:
+    """/save PATH: (what to say, notice style)."""
+    if conversation.save_as is None:
+        return "this conversation is not recorded, so there is nothing to save", "error"
+    try:
+        return conversation.save_as(path), "info"
+    except GlmchatError as exc:
+        return f"not saved: {exc}", "error"
 
 
 def _warm_markdown() -> None:
@@ -305,5 +338,7 @@ def run_tui(config: Config, args: argparse.Namespace) -> int:
     try:
         code = app.run()
     finally:
-        app.link.close()
+        # The screen is back already; the worker was asked to stop while the app closed. A
+        # worker stuck in a forward is terminated after a moment (it is never left behind).
+        app.link.close(timeout=QUIT_GRACE_S)
     return code if isinstance(code, int) else 0

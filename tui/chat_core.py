@@ -160,6 +160,8 @@ class ChatCore(App[int]):
     def _loaded(self, loaded: Loaded) -> None:
         self.phase = "ready"
         self.panel.show_loaded(loaded)
+        for note in loaded.placement.notes:
+            self.call_later(self.transcript.add_notice, f"Note: {note}")
         self.conversation.set_model(loaded)
         if self.in_flight is not None and self.in_flight.gen_id is None:
             self.dispatch()

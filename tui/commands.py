@@ -30,11 +30,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pick": ("/pick N", "continue with beam N of the last reply"),
     "clear": ("/clear", "start a new conversation (alias /new)"),
     "restart": ("/restart", "restart the worker process (reloads the model)"),
+    "save": ("/save PATH", "write the conversation to a new session file; later turns go there"),
     "quit": ("/quit", "leave (alias /exit)"),
 }
 ALIASES = {"new": "clear", "exit": "quit", "q": "quit", "regenerate": "regen", "h": "help",
            "?": "help", "temp": "temperature", "params": "set"}
-ACTIONS = ("regen", "edit", "beams", "pick", "clear", "restart", "quit", "settings", "help")
+ACTIONS = ("regen", "edit", "beams", "pick", "clear", "restart", "quit", "settings", "help",
+           "save")
 
 FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(GenerationParams)}
 
@@ -49,6 +51,7 @@ class SettingsChanged:
 class ActionRequested:
     action: str  # one of ACTIONS
     argument: int | None = None  # /edit N, /pick N: 1-based as typed
+    text: str = ""  # /save PATH: the path
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,10 @@ def run_command(line: str, params: GenerationParams) -> Outcome:
         return _change(params, {name: words[0]}, raw=True)
     if name == "system":
         return _change(params, {"system_prompt": rest.strip()})
+    if name == "save":
+        if not rest.strip():
+            return CommandFailed("use /save PATH, e.g. /save ~/chat.jsonl")
+        return ActionRequested("save", text=words[0] if len(words) == 1 else rest.strip())
     if name in ("edit", "pick"):
         number = _number_argument(name, words)
         if isinstance(number, CommandFailed):

@@ -61,6 +61,9 @@ class Conversation:
     notes: list[str] = field(default_factory=list)  # for the user at start (resume problems)
     resumed_params: GenerationParams | None = None  # a resumed session's last settings
     on_warning: Callable[[str], None] | None = None  # how the front end shows a warning
+    # /save PATH: write the conversation to a new session file and keep saving there; returns
+    # what to tell the user, raises GlmchatError. None: nothing records this conversation.
+    save_as: Callable[[str], str] | None = None
 
     def warn(self, message: str) -> None:
         if self.on_warning is not None:
@@ -192,8 +195,22 @@ def start_conversation(config: Config | None = None,
             for pending in [change, *waiting] if change.kind == "model" else [change]:
                 recorder.observe(conv, pending)
             waiting.clear()
-        except GlmchatError as exc:  # a full disk must not end the chat
+        except GlmchatError as exc:  # whatever else goes wrong, the chat goes on
             conv.warn(f"the session could not be saved: {exc}")
 
+    def save_failed(why: str) -> None:
+        conversation.warn(f"The session could not be saved: {why}. The conversation is kept "
+                          "in memory; /save PATH writes it to another file.")
+
+    def save_as(path: str) -> str:
+        if recorder.session is None and waiting:
+            raise GlmchatError("nothing to save yet: the conversation is recorded once the "
+                               "model has loaded")
+        from pathlib import Path
+
+        return f"saved to {recorder.save_as(Path(path))}; later turns go there too"
+
+    recorder.on_save_error = save_failed
+    conversation.save_as = save_as
     conversation.subscribe(record)
     return conversation

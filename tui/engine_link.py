@@ -6,6 +6,7 @@ batches. It never touches a widget; the app's
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -20,15 +21,21 @@ from glmchat.backend import Backend
 from glmchat.client import EngineClient
 from glmchat.errors import GlmchatError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Event, Load, ModelSpec
+from glmchat.protocol import ChatMessage, Event, Load, Loaded, ModelSpec, Shutdown
 
 BATCH_MAX = 256  # events per message: a fast stream becomes a few messages per repaint
 
 
 def worker_log_path() -> str:
-    """Where the worker's stderr goes while the TUI owns the terminal."""
+    """Where the worker's stderr goes while the TUI owns the terminal: the cache dir's
+    worker.log, or nowhere when that cannot be written (a log must not stop the chat)."""
     log = paths.cache_dir() / "worker.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8"):
+            pass
+    except OSError:
+        return os.devnull
     return str(log)
 
 
@@ -91,12 +98,14 @@ class EngineLink:
             elif not self.client.alive:
                 self.client.start()
             loaded = self.client.loaded
+            drawn: Loaded | None = None  # posted here already: not again from the events
             if loaded is None or (loaded.info.source != self.spec.path
                                   and not loaded.info.backend):
                 self.client.send(Load(self.spec))
                 if self.client.loaded is not None and self.client.loaded is not loaded:
                     # A backend that loads synchronously and keeps Loaded out of its events.
-                    self.app.post_message(self.EventsReceived([self.client.loaded]))
+                    drawn = self.client.loaded
+                    self.app.post_message(self.EventsReceived([drawn]))
             else:
                 # A borrowed client that already holds the model (tests, a restarted app).
                 self.app.post_message(self.EventsReceived([loaded]))
@@ -111,7 +120,11 @@ class EngineLink:
                     if more is None:
                         break
                     batch.append(more)
-                self.app.post_message(self.EventsReceived(batch))
+                if drawn is not None and drawn in batch:
+                    batch.remove(drawn)
+                    drawn = None
+                if batch:
+                    self.app.post_message(self.EventsReceived(batch))
         except GlmchatError as exc:
             if not stop.is_set():
                 self.app.post_message(self.WorkerDied(str(exc)))
@@ -136,9 +149,18 @@ class EngineLink:
     def stop_reading(self) -> None:
         self._stop.set()
 
-    def close(self) -> None:
-        """Stop reading and, if the app owns the worker, shut it down (blocks up to seconds)."""
+    def shutdown_soon(self) -> None:
+        """Stop reading and, if the app owns the worker, ask it to shut down; never blocks, so
+        the app can give the terminal back at once (``close`` then reaps the worker)."""
+        self._stop.set()
+        if self.owned and self.client.alive:
+            with contextlib.suppress(GlmchatError):
+                self.client.send(Shutdown())
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop reading and, if the app owns the worker, shut it down: ``timeout`` seconds to
+        go by itself, then it is terminated."""
         self._stop.set()
         if self.owned:
-            self.client.close(timeout=3.0)
+            self.client.close(timeout=timeout)
 

@@ -45,6 +45,9 @@ def streaming(extra: dict[str, object]) -> list[tuple[str, str]]:
         rows.append(("stream rate", f"{rate:.2f} GB/s"))
     if reader:
         rows.append(("reader", str(reader)))
+    scheme = extra.get("quantize", "none")
+    if scheme and scheme != "none":
+        rows.append(("weights", str(scheme)))
     return rows
 
 
@@ -58,6 +61,8 @@ def streaming_summary(extra: dict[str, object]) -> str:
         text += f" at {rows['stream rate']}"
     if "reader" in rows:
         text += f" ({rows['reader']} reader)"
+    if "weights" in rows:
+        text += f", {rows['weights']} weights"
     return text
 
 

@@ -13,6 +13,9 @@ import contextlib
 import queue
 import sys
 import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TextIO
 
 from glmchat.tui import commands
@@ -31,6 +34,7 @@ from glmchat.errors import GlmchatError, UsageError
 from glmchat.params import GenerationParams
 from glmchat.protocol import (
     Event,
+    Failed,
     Finished,
     GenerationResult,
     Loaded,
@@ -38,6 +42,40 @@ from glmchat.protocol import (
     StepStats,
     Token,
 )
+
+STOP_GRACE_S = 5.0  # after Ctrl+C: how long the worker has to stop the reply
+
+
+class SafeFileHistory(FileHistory):
+    """prompt_toolkit's FileHistory, except that a history file that cannot be read or written
+    (a directory, a full disk) costs the history, not the chat: said once, then in memory."""
+
+    def __init__(self, path: Path, repl: PlainRepl) -> None:
+        super().__init__(str(path))
+        self.path, self.repl, self.failed = path, repl, False
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            self.repl.say(f"the prompt history {self.path} cannot be used "
+                          f"({exc.strerror or exc}); history is kept for this run only",
+                          "error")
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return list(super().load_history_strings())
+        except OSError as exc:
+            self._failed(exc)
+            return []
+
+    def store_string(self, string: str) -> None:
+        if self.failed:
+            return
+        try:
+            super().store_string(string)
+        except OSError as exc:
+            self._failed(exc)
 
 
 class PlainRepl:
@@ -59,12 +97,12 @@ class PlainRepl:
         self.out = out or sys.stdout
         self.color = self.out.isatty()
         if history is None:
-            paths.history_file().parent.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(paths.history_file()))
+            history = SafeFileHistory(paths.history_file(), self)
         self.session: PromptSession[str] = PromptSession(
             history=history, multiline=True, key_bindings=key_bindings(), input=input,
             output=output, prompt_continuation=lambda width, line, wrap: "... ".rjust(width))
         self.interrupts = 0  # Ctrl+C presses in a row at the prompt
+        self.worker_stuck = False  # it did not stop a reply: replaced before the next one
         self.loader: threading.Thread | None = None
         self.load_events: queue.Queue[Event] = queue.Queue()
         self.load_error: Exception | None = None
@@ -111,6 +149,9 @@ class PlainRepl:
 
     def ensure_ready(self) -> None:
         """Wait for the model (printing the load's progress); restart a dead worker first."""
+        if self.worker_stuck and self.loader is None:
+            self.worker_stuck = False
+            self.client.close(timeout=1.0)
         if self.loader is None:
             if self.client.alive and self.client.loaded is not None:
                 return
@@ -127,6 +168,8 @@ class PlainRepl:
                 self.say(f"[{event.done}/{event.total}] {event.what}", "dim")
             elif isinstance(event, Loaded):
                 self.say(loaded_line(event, self.client), "dim")
+                for note in event.placement.notes:
+                    self.say(f"note: {note}", "dim")
                 self.conversation.set_model(event)
         self.loader = None
         if self.load_error is not None:
@@ -190,16 +233,25 @@ class PlainRepl:
             except KeyboardInterrupt:
                 self.client.cancel(gen_id)
                 self.interrupts = 1  # a second Ctrl+C at the prompt leaves
+                deadline = time.monotonic() + STOP_GRACE_S
                 try:
-                    for event in self.client.stream(gen_id):
-                        if isinstance(event, Finished) and event.id == gen_id:
+                    while (late := self.client.recv(max(0.0, deadline - time.monotonic()))):
+                        if isinstance(late, Failed) and late.id in (gen_id, None):
+                            raise (UsageError if late.usage else GlmchatError)(late.error)
+                        if isinstance(late, Finished) and late.id == gen_id:
                             if provisional:
                                 self.write("\r\x1b[2K" if self.color else "")
-                                self.write(event.result.text)
-                            return event.result.text, event.result
+                                self.write(late.result.text)
+                            return late.result.text, late.result
                 except KeyboardInterrupt:
                     self.write("\n")
                     return text, None  # stop waiting; the worker's late events are skipped
+                if self.client.alive:  # it did not stop within the grace: stuck
+                    self.write("\n")
+                    self.say("(the worker did not stop the reply; the next prompt restarts it)",
+                             "dim")
+                    self.worker_stuck = True
+                return text, None
         except GlmchatError as exc:
             self.write("\n")
             crashed = not self.client.alive
@@ -251,6 +303,15 @@ class PlainRepl:
                 self.say(str(exc), "error")
                 return True
             self.say(f"continuing with beam {number}:\n{turn.content}")
+        elif action == "save":
+            if self.conversation.save_as is None:
+                self.say("this conversation is not recorded, so there is nothing to save",
+                         "error")
+                return True
+            try:
+                self.say(self.conversation.save_as(outcome.text), "dim")
+            except GlmchatError as exc:
+                self.say(f"not saved: {exc}", "error")
         elif action == "restart":
             self.ensure_ready()  # a load under way finishes first
             self.client.close()
@@ -349,8 +410,9 @@ def loaded_line(event: Loaded, backend: Backend) -> str:
         return f"{event.info.name} · {describe(backend)}"
     tiers = ", ".join(f"{n} on {t}" for t, n in sorted(event.placement.layers_per_tier.items()))
     where = f" · {describe(backend)}" if event.info.backend else ""
+    weights = f", {event.info.quantize}" if event.info.quantize != "none" else ""
     return (f"{event.info.name} loaded in {event.load_s:.1f} s (layers: {tiers}; "
-            f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}){where}")
+            f"{human_bytes(sum(event.placement.bytes_per_tier.values()))}{weights}){where}")
 
 
 def run_plain(config: Config, args: argparse.Namespace, **kwargs: Any) -> int:

@@ -15,7 +15,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
-from glmchat.params import PARAM_NAMES, STRATEGIES, GenerationParams, param_problems
+from glmchat.params import (
+    BEAM_SCORERS,
+    PARAM_NAMES,
+    STRATEGIES,
+    GenerationParams,
+    param_problems,
+)
 
 HINTS: dict[str, str] = {
     "strategy": "greedy, sample or beam",
@@ -32,6 +38,7 @@ HINTS: dict[str, str] = {
     "no_repeat_ngram_size": "0 = off",
     "stop": "comma-separated stop strings",
     "system_prompt": "empty = the model's default",
+    "beam_scorer": "beam: auto, transformers or glm130b",
 }
 
 
@@ -74,8 +81,9 @@ class SettingsScreen(ModalScreen[GenerationParams | None]):
 
     def _editor(self, name: str) -> Select[str] | Checkbox | Input:
         value = getattr(self.params, name)
-        if name == "strategy":
-            return Select([(s, s) for s in STRATEGIES], value=value, allow_blank=False,
+        if name in ("strategy", "beam_scorer"):
+            choices = STRATEGIES if name == "strategy" else BEAM_SCORERS
+            return Select([(s, s) for s in choices], value=value, allow_blank=False,
                           id=f"field-{name}", compact=True)
         if FIELD_TYPES[name] == "bool":
             return Checkbox(value=bool(value), id=f"field-{name}", compact=True)

@@ -118,7 +118,8 @@ class SidePanel(VerticalScroll):
                 "context not reported"
             text.append(f"\nserved by {info.backend}\n{context}", style="dim")
         else:
-            text.append(f"\n{human_count(info.n_params)} params · {info.dtype}\n"
+            weights = f" · {info.quantize} weights" if info.quantize != "none" else ""
+            text.append(f"\n{human_count(info.n_params)} params · {info.dtype}{weights}\n"
                         f"{info.n_layers} layers · context {info.context_length}\n"
                         f"loaded in {duration(loaded.load_s)}", style="dim")
         self.query_one("#model-info", Static).update(text)
@@ -130,7 +131,8 @@ class SidePanel(VerticalScroll):
             rows.update(Text("not reported by this server", style="yellow"))
         else:
             rows.update(placement_table(placement))
-        self.query_one("#placement-box").border_subtitle = placement.runtime
+        self.query_one("#placement-box").border_subtitle = placement.runtime + (
+            f" · {placement.quantize}" if placement.quantize != "none" else "")
 
     # ---- speed ----------------------------------------------------------------------------------
 

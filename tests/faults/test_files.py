@@ -1,0 +1,158 @@
+"""Files glmchat writes or reads, made unwritable, read-only, a directory, or full."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from glmchat.tui.app import Options, make_app
+
+from glmchat.client import EngineClient
+from tests.faults.cases import fault
+from tests.faults.harness import (
+    SMALL,
+    assert_readable,
+    assert_reported,
+    glmchat,
+    make_session,
+    read_only_mount,
+)
+
+
+@fault("`--session` in a directory that does not exist",
+       "usage error before any generation: one line, exit 2", "nothing is created")
+def test_session_in_missing_directory(tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "dir" / "s.jsonl"
+    run = glmchat("--session", str(target), *SMALL, "hi")
+    assert_reported(run, 2, "does not exist")
+    assert run.stdout == ""  # nothing generated
+    assert not (tmp_path / "no").exists()
+
+
+@fault("`--session` path is a directory, or under a regular file",
+       "usage error before any generation, exit 2", "the directory / file untouched")
+def test_session_path_is_a_directory_or_under_a_file(tmp_path: Path) -> None:
+    assert_reported(glmchat("--session", str(tmp_path), *SMALL, "hi"), 2, "is a directory")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+    assert_reported(glmchat("--session", str(blocker / "s.jsonl"), *SMALL, "hi"), 2,
+                    "is not a directory")
+    assert blocker.read_text() == "not a directory\n"
+
+
+@fault("`--session` file on a read-only file system",
+       "usage error before any generation, exit 2", "the session file, unchanged")
+def test_session_file_read_only(tmp_path: Path) -> None:
+    with read_only_mount(tmp_path / "ro") as make_read_only:
+        path = tmp_path / "ro" / "s.jsonl"
+        make_session(path)
+        before = path.read_bytes()
+        make_read_only()
+        run = glmchat("--session", str(path), *SMALL, "hi")
+        assert_reported(run, 2, "cannot save to")
+        assert run.stdout == ""
+        assert path.read_bytes() == before
+        assert_readable(path, events_at_least=1)
+
+
+@fault("disk full while saving a one-shot exchange (`RLIMIT_FSIZE`)",
+       "the reply is still printed; `glmchat: error: cannot save to … (File too large)`, "
+       "exit 1; the half-written line is taken back",
+       "every event saved before; the file loads without a warning")
+def test_session_disk_full_mid_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    make_session(path, ("Name a colour.", "Name a fruit."))
+    room = path.stat().st_size + 400  # the next prompt fits, the reply's record does not
+    run = glmchat("--session", str(path), *SMALL, "Name an animal.", file_size=room)
+    assert_reported(run, 1, "cannot save to", "File too large")
+    assert run.stdout.strip(), "the reply must still be shown"
+    session = assert_readable(path, events_at_least=2)
+    assert [e.content for e in session.events[:2]] == ["Name a colour.", "Name a fruit."]
+    assert not session.assistant_turns()
+
+
+@fault("config file is a directory, or not UTF-8",
+       "one line naming the file, exit 2; no worker started", "the config file untouched")
+def test_config_file_unreadable(tmp_path: Path) -> None:
+    folder = tmp_path / "config.toml"
+    folder.mkdir()
+    assert_reported(glmchat("--config", str(folder), "hi"), 2, str(folder))
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b'[generation]\nstop = ["\xff"]\n')
+    assert_reported(glmchat("--config", str(binary), "hi"), 2, str(binary))
+    assert binary.read_bytes() == b'[generation]\nstop = ["\xff"]\n'
+
+
+@fault("`/save PATH` to a file that exists, or into a missing directory",
+       "refused (`… exists already`, `… does not exist`); a new path gets the whole "
+       "conversation, written to a temporary file and renamed", "the existing file, unchanged")
+def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
+    # The command's rules are the recorder's; this drives them without a terminal.
+    from glmchat.sessions.recorder import open_recorder
+
+    from glmchat.cli import build_parser
+    from glmchat.config import Config
+    from glmchat.errors import GlmchatError
+
+    args = build_parser().parse_args(["--no-save"])
+    recorder = open_recorder(Config(), args)
+    assert recorder is not None
+    from tests.faults.harness import default_model_record
+
+    recorder.session = recorder.store.new_session(default_model_record())
+    recorder.user("Name a colour.")
+    existing = tmp_path / "taken.jsonl"
+    existing.write_text("mine\n")
+    for target, why in ((existing, "exists already"),
+                        (tmp_path / "missing" / "s.jsonl", "does not exist")):
+        try:
+            recorder.save_as(target)
+        except GlmchatError as exc:
+            assert why in str(exc)
+        else:
+            raise AssertionError(f"/save {target} should have failed")
+    assert existing.read_text() == "mine\n"
+    saved = recorder.save_as(tmp_path / "kept.jsonl")
+    assert_readable(saved, events_at_least=1)
+    assert json.loads(saved.read_text().splitlines()[1])["content"] == "Name a colour."
+
+
+@fault("TUI: the session file becomes unwritable mid-chat (replaced by a directory)",
+       "`The session could not be saved: … /save PATH writes it to another file` in the "
+       "transcript; the chat goes on; `/save PATH` writes everything there",
+       "the whole conversation, in memory and then in PATH")
+def test_tui_save_fails_mid_chat_then_save_elsewhere(client: EngineClient,
+                                                     tmp_path: Path) -> None:
+    from glmchat.cli import build_parser
+    from glmchat.config import Config, SessionsConfig
+    from glmchat.params import GenerationParams
+    from tests.tui.test_tui_functional import SIZE, notices, reply_done, send, wait_for
+
+    config = Config(generation=GenerationParams(max_new_tokens=4),
+                    sessions=SessionsConfig(dir=str(tmp_path / "sessions")))
+    app = make_app(config, Options(client=client, history=False,
+                                   args=build_parser().parse_args([])))
+    elsewhere = tmp_path / "elsewhere.jsonl"
+
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.phase == "ready", "the model")
+            await send(app, pilot, "Name a colour.")
+            await reply_done(app, pilot)
+            [saved] = (tmp_path / "sessions").glob("*.jsonl")
+            saved.unlink()
+            saved.mkdir()  # the fault: every later append fails
+            await send(app, pilot, "Name a fruit.")
+            await reply_done(app, pilot)
+            await wait_for(pilot, lambda: any("could not be saved" in n
+                                              for n in notices(app, "error")), "the warning")
+            assert len(app.conversation.turns) == 4
+            await send(app, pilot, f"/save {elsewhere}")
+            await wait_for(pilot, lambda: any("saved to" in n for n in notices(app)),
+                           "/save's answer")
+
+    asyncio.run(main())
+    session = assert_readable(elsewhere, events_at_least=4)
+    assert [t.content for t in session.user_turns()] == ["Name a colour.", "Name a fruit."]
+    assert len(session.assistant_turns()) == 2

@@ -13,23 +13,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from glmchat.errors import GlmchatError, UsageError, WorkerCrashed
-from glmchat.params import GenerationParams
+from glmchat.conveniences import EventConveniences
+from glmchat.errors import GlmchatError, WorkerCrashed
 from glmchat.protocol import (
-    Cancel,
-    ChatMessage,
     Event,
-    Failed,
-    Finished,
-    Generate,
-    GetStats,
-    Load,
     Loaded,
-    ModelSpec,
     Ready,
     Request,
     Shutdown,
@@ -64,7 +55,7 @@ def describe_exit(exitcode: int | None) -> str:
     return f"the worker exited with code {exitcode}"
 
 
-class EngineClient:
+class EngineClient(EventConveniences):
     """Start, talk to and stop one worker process. ``send`` is thread-safe; ``recv`` belongs to
     one reader thread at a time. ``stderr_path``: where the worker's stderr goes (default: the
     front end's own stderr)."""
@@ -187,43 +178,5 @@ class EngineClient:
 
     # ---- conveniences ----------------------------------------------------------------------------
 
-    def load(self, spec: ModelSpec) -> Iterator[Event]:
-        """Send Load; yield events up to and including Loaded. A failed load raises."""
-        self.send(Load(spec))
-        while True:
-            event = self.recv()
-            if event is None:
-                continue
-            if isinstance(event, Failed) and event.id is None:
-                raise (UsageError if event.usage else GlmchatError)(event.error)
-            yield event
-            if isinstance(event, Loaded):
-                return
-
     def new_id(self) -> str:
         return f"g{next(self._ids)}"
-
-    def generate(self, params: GenerationParams, *, prompt: str = "",
-                 messages: list[ChatMessage] | None = None, raw: bool = False) -> str:
-        gen_id = self.new_id()
-        self.send(Generate(id=gen_id, params=params, prompt=prompt, messages=messages or [],
-                           raw=raw))
-        return gen_id
-
-    def stream(self, gen_id: str) -> Iterator[Event]:
-        """Events up to and including this generation's Finished; its Failed raises."""
-        while True:
-            event = self.recv()
-            if event is None:
-                continue
-            if isinstance(event, Failed) and event.id in (gen_id, None):
-                raise (UsageError if event.usage else GlmchatError)(event.error)
-            yield event
-            if isinstance(event, Finished) and event.id == gen_id:
-                return
-
-    def cancel(self, gen_id: str) -> None:
-        self.send(Cancel(gen_id))
-
-    def request_stats(self) -> None:
-        self.send(GetStats())

@@ -14,15 +14,15 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from glmchat.conveniences import EventConveniences
 from glmchat.errors import GlmchatError, UsageError, WorkerCrashed
 from glmchat.params import GenerationParams
 from glmchat.protocol import (
     Cancel,
-    ChatMessage,
     Event,
     Failed,
     Finished,
@@ -158,7 +158,7 @@ class GenerationRun:
         return Finished(request.id, result)
 
 
-class QueueBackend:
+class QueueBackend(EventConveniences):
     """EngineClient's surface over threads and a queue (see the module docstring)."""
 
     description = ""
@@ -272,41 +272,5 @@ class QueueBackend:
 
     # ---- EngineClient's conveniences ------------------------------------------------------------
 
-    def load(self, spec: ModelSpec) -> Iterator[Event]:
-        self.send(Load(spec))
-        while True:
-            event = self.recv()
-            if event is None:
-                continue
-            if isinstance(event, Failed) and event.id is None:
-                raise (UsageError if event.usage else GlmchatError)(event.error)
-            yield event
-            if isinstance(event, Loaded):
-                return
-
     def new_id(self) -> str:
         return f"r{next(self._ids)}"
-
-    def generate(self, params: GenerationParams, *, prompt: str = "",
-                 messages: list[ChatMessage] | None = None, raw: bool = False) -> str:
-        gen_id = self.new_id()
-        self.send(Generate(id=gen_id, params=params, prompt=prompt, messages=messages or [],
-                           raw=raw))
-        return gen_id
-
-    def stream(self, gen_id: str) -> Iterator[Event]:
-        while True:
-            event = self.recv()
-            if event is None:
-                continue
-            if isinstance(event, Failed) and event.id in (gen_id, None):
-                raise (UsageError if event.usage else GlmchatError)(event.error)
-            yield event
-            if isinstance(event, Finished) and event.id == gen_id:
-                return
-
-    def cancel(self, gen_id: str) -> None:
-        self.send(Cancel(gen_id))
-
-    def request_stats(self) -> None:
-        self.send(GetStats())

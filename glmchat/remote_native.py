@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from glmchat import wire
+from glmchat.conveniences import EventConveniences
 from glmchat.errors import GlmchatError, UsageError, WorkerCrashed
 from glmchat.params import GenerationParams
 from glmchat.protocol import (
@@ -72,7 +73,7 @@ def public_url(url: str) -> str:
     return url
 
 
-class GlmchatRemote:
+class GlmchatRemote(EventConveniences):
     """A `glmchat serve` (at ``url``) that looks like an EngineClient to the front ends."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0,
@@ -294,18 +295,6 @@ class GlmchatRemote:
             if not ended:
                 self._events.put(Failed(id=gen_id, error=f"{self.description} closed the "
                                                          "stream before the reply finished"))
-
-    def stream(self, gen_id: str) -> Iterator[Event]:
-        """Events up to and including this generation's Finished; its Failed raises."""
-        while True:
-            event = self.recv()
-            if event is None:
-                continue
-            if isinstance(event, Failed) and event.id in (gen_id, None):
-                raise (UsageError if event.usage else GlmchatError)(event.error)
-            yield event
-            if isinstance(event, Finished) and event.id == gen_id:
-                return
 
     def cancel(self, gen_id: str) -> None:
         """Stop one generation; its Finished (with the partial reply) still arrives."""

@@ -11,11 +11,8 @@ dir renamed into place at the end — an interrupted conversion leaves nothing a
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -26,6 +23,7 @@ import torch
 
 from glmchat.errors import UsageError
 
+from .atomic_dir import building
 from .glm130b import GLM130BConfig
 
 SHARD_RE = re.compile(r"^mp_rank_(\d\d)_model_states\.pt$")
@@ -166,8 +164,7 @@ def convert(ckpt: OfficialCheckpoint, target: Path, heads: int = 0,
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with building(target, ".converting-") as tmp:
         first = load_shard(ckpt.shards[0])
         for rank in range(1, ckpt.tp):
             _check_shapes(ckpt, rank, first, load_shard(ckpt.shards[rank]))
@@ -203,12 +200,6 @@ def convert(ckpt: OfficialCheckpoint, target: Path, heads: int = 0,
         (tmp / MARKER).write_text(json.dumps(
             {"source": str(ckpt.directory), "iteration": ckpt.iteration, "tp": ckpt.tp,
              "sha256": source_digest}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return config
 
 

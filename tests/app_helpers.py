@@ -1,11 +1,11 @@
-"""Helpers for tests that drive the real app (as tests/tui/test_tui_functional.py does; that
-directory is no package, so they are here for the backend tests): wait on the app's state in
-bounded loops, never on fixed sleeps."""
+"""Helpers for every test that drives the real app (the TUI, backend and fault tests): wait on
+the app's state in bounded loops, never on fixed sleeps."""
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from typing import Any
 
 from glmchat.tui.app import GlmchatApp
@@ -14,8 +14,11 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import Static
 
+WAIT_S = 300.0  # the machine may be busy; a reply of a few tokens needs far less
 
-async def wait_for(pilot: Pilot[Any], condition: Any, what: str, timeout: float) -> None:
+
+async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], what: str,
+                   timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -31,11 +34,12 @@ async def send(app: GlmchatApp, pilot: Pilot[Any], text: str) -> None:
 
 async def reply_done(app: GlmchatApp, pilot: Pilot[Any]) -> None:
     await pilot.pause()
-    await wait_for(pilot, lambda: app.in_flight is None, "the reply to finish", 120)
+    await wait_for(pilot, lambda: app.in_flight is None, "the reply to finish")
     await pilot.pause(0.1)
 
 
 def plain(widget: Static) -> str:
+    """What a Static shows, as text (its content may be a Rich table)."""
     console = Console(file=io.StringIO(), width=80, color_system=None)
     console.print(widget.content)
     return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]

@@ -127,7 +127,8 @@ def test_tui_save_fails_mid_chat_then_save_elsewhere(client: EngineClient,
     from glmchat.cli import build_parser
     from glmchat.config import Config, SessionsConfig
     from glmchat.params import GenerationParams
-    from tests.tui.test_tui_functional import SIZE, notices, reply_done, send, wait_for
+    from tests.app_helpers import notices, reply_done, send, wait_for
+    from tests.tui.test_tui_functional import SIZE
 
     config = Config(generation=GenerationParams(max_new_tokens=4),
                     sessions=SessionsConfig(dir=str(tmp_path / "sessions")))

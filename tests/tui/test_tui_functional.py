@@ -4,37 +4,25 @@ the app's state (polling with pilot.pause in bounded loops), never on fixed slee
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from glmchat.tui.app import GlmchatApp, Options, make_app
-from glmchat.tui.widgets.transcript import Notice, Reply
-from rich.console import Console
+from glmchat.tui.widgets.transcript import Reply
 from textual.pilot import Pilot
 from textual.widgets import Static
 
 from glmchat.client import EngineClient
 from glmchat.config import Config
 from glmchat.params import GenerationParams
+from tests.app_helpers import notices, plain, reply_done, send, wait_for
 
 pytestmark = pytest.mark.slow
 SIZE = (130, 40)
-WAIT_S = 300.0  # the machine may be busy; a reply of a few tokens needs far less
-
-
-async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], what: str,
-                   timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def run_app(config: Config, client: EngineClient | None,
@@ -47,29 +35,6 @@ def run_app(config: Config, client: EngineClient | None,
             await scenario(app, pilot)
 
     asyncio.run(main())
-
-
-async def send(app: GlmchatApp, pilot: Pilot[Any], text: str) -> None:
-    app.editor.load_text(text)
-    await pilot.press("enter")
-    await pilot.pause()
-
-
-async def reply_done(app: GlmchatApp, pilot: Pilot[Any]) -> None:
-    await pilot.pause()
-    await wait_for(pilot, lambda: app.in_flight is None, "the reply to finish")
-    await pilot.pause(0.1)
-
-
-def plain(widget: Static) -> str:
-    """What a Static shows, as text (its content may be a Rich table)."""
-    console = Console(file=io.StringIO(), width=80, color_system=None)
-    console.print(widget.content)
-    return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]
-
-
-def notices(app: GlmchatApp, kind: str = "") -> list[str]:
-    return [plain(n) for n in app.query(Notice) if not kind or n.has_class(kind)]
 
 
 def config_with(**changes: Any) -> Config:

@@ -15,7 +15,8 @@ from textual.widgets import Static
 
 from glmchat.config import Config, ModelConfig
 from glmchat.params import GenerationParams
-from tests.tui.test_tui_functional import plain, reply_done, run_app, send
+from tests.app_helpers import plain, reply_done, send
+from tests.tui.test_tui_functional import run_app
 from tests.tui.test_tui_plain_repl import run_repl
 
 pytestmark = pytest.mark.slow

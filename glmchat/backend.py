@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 from glmchat import paths
 from glmchat.errors import UsageError
 from glmchat.params import GenerationParams
-from glmchat.protocol import ChatMessage, Event, Loaded, ModelSpec, Ready, Request
+from glmchat.protocol import ChatMessage, Event, Finished, Loaded, ModelSpec, Ready, Request
 
 API_KEY_ENV = "GLMCHAT_API_KEY"  # read when [backend] api_key is empty
 PROTOCOLS = ("auto", "glmchat", "openai")
@@ -69,6 +69,7 @@ class Backend(Protocol):
     def stream(self, gen_id: str) -> Iterator[Event]: ...
     def cancel(self, gen_id: str) -> None: ...
     def request_stats(self) -> None: ...
+    def finished_for(self, gen_id: str) -> Finished | None: ...
 
 
 @dataclass

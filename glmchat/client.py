@@ -7,12 +7,14 @@ shows up as WorkerCrashed from ``recv`` with the cause; ``restart`` starts a fre
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,6 +22,7 @@ from glmchat.conveniences import EventConveniences
 from glmchat.errors import GlmchatError, WorkerCrashed
 from glmchat.protocol import (
     Event,
+    Finished,
     Loaded,
     Ready,
     Request,
@@ -38,6 +41,26 @@ def _worker_entry(conn: Connection, parent_pid: int, stderr_path: str | None = N
     from glmchat.model.worker import run_worker
 
     run_worker(conn, parent_pid)
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl+C and SIGTERM while one message crosses the pipe. Their handlers raise
+    KeyboardInterrupt, and one raised between a message's length header and its body would
+    leave half a message behind: the next read (the partial reply that a cancel asks for)
+    would then fail. Held, they are delivered as soon as the message is whole. Only the main
+    thread runs Python signal handlers, so other threads need nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -134,7 +157,7 @@ class EngineClient(EventConveniences):
         if self._conn is None:
             raise WorkerCrashed("the worker is not running; start it again")
         try:
-            with self._send_lock:
+            with self._send_lock, signals_held():
                 self._conn.send(request)
         except (BrokenPipeError, EOFError, OSError):
             raise self._crashed() from None
@@ -148,11 +171,14 @@ class EngineClient(EventConveniences):
             wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
             try:
                 if self._conn.poll(wait):
-                    event: Event = self._conn.recv()
-                    if isinstance(event, Ready):
-                        self.ready = event
-                    elif isinstance(event, Loaded):
-                        self.loaded = event
+                    with signals_held():
+                        event: Event = self._conn.recv()
+                        if isinstance(event, Ready):
+                            self.ready = event
+                        elif isinstance(event, Loaded):
+                            self.loaded = event
+                        elif isinstance(event, Finished):
+                            self.keep_finished(event)
                     return event
             except (EOFError, OSError):
                 raise self._crashed() from None
@@ -160,7 +186,8 @@ class EngineClient(EventConveniences):
                 # Drain what the worker sent before dying, then report the death.
                 try:
                     if self._conn.poll(0):
-                        dying_words: Event = self._conn.recv()
+                        with signals_held():
+                            dying_words: Event = self._conn.recv()
                         return dying_words
                 except (EOFError, OSError):
                     pass

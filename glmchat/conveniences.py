@@ -24,6 +24,19 @@ from glmchat.protocol import (
 
 
 class EventConveniences:
+    def keep_finished(self, event: Finished) -> None:
+        """Keep a generation's Finished as it arrives, so that an interrupt delivered just after
+        it was read (a Ctrl+C between ``recv`` and its caller) cannot lose the reply."""
+        kept: dict[str, Finished] = self.__dict__.setdefault("_finished", {})
+        kept[event.id] = event
+        while len(kept) > 8:  # the newest few are enough
+            del kept[next(iter(kept))]
+
+    def finished_for(self, gen_id: str) -> Finished | None:
+        """This generation's Finished, if it has arrived."""
+        kept: dict[str, Finished] = self.__dict__.get("_finished", {})
+        return kept.get(gen_id)
+
     def send(self, request: Request) -> None:
         raise NotImplementedError
 
@@ -61,6 +74,8 @@ class EventConveniences:
                 continue
             if isinstance(event, Failed) and event.id in (gen_id, None):
                 raise (UsageError if event.usage else GlmchatError)(event.error)
+            if isinstance(event, Finished):
+                self.keep_finished(event)
             yield event
             if isinstance(event, Finished) and event.id == gen_id:
                 return

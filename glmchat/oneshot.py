@@ -100,6 +100,7 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
             f"glmchat: error: {why}; this exchange was not saved", file=sys.stderr, flush=True)
     client = make_backend(config, discover=True)
     gen_id: str | None = None
+    recorded: str | None = None  # the generation whose reply the session holds
     try:
         client.start()
         if verbose:
@@ -147,6 +148,7 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
                 elif isinstance(event, Finished):
                     result = event.result
                     if recorder is not None:
+                        recorded = gen_id
                         recorder.assistant(result, parent=asked.id, messages=request.messages,
                                            prompt=request.prompt, raw=args.raw)
                     for note in result.notes:
@@ -171,18 +173,22 @@ def run_oneshot(config: Config, args: argparse.Namespace, prompt: str) -> int:
             print(f"glmchat: saved to {recorder.path}", file=sys.stderr)
         return 1 if recorder is not None and recorder.save_error else 0
     except KeyboardInterrupt:
-        if gen_id is not None and client.alive:
+        if gen_id is not None and gen_id != recorded:
             with contextlib.suppress(GlmchatError, KeyboardInterrupt):
-                client.cancel(gen_id)
-                if recorder is not None:
-                    # Keep what was generated: the worker stops at the next step and sends
-                    # the partial reply (a second Ctrl+C gives up on it).
-                    for event in client.stream(gen_id):
-                        if isinstance(event, Finished) and event.id == gen_id:
-                            recorder.assistant(event.result, parent=asked.id,
-                                               messages=request.messages,
-                                               prompt=request.prompt, raw=args.raw)
-                            break
+                done = client.finished_for(gen_id)  # it may have come just before the signal
+                if done is None and client.alive:
+                    client.cancel(gen_id)
+                    if recorder is not None:
+                        # Keep what was generated: the worker stops at the next step and
+                        # sends the partial reply (a second Ctrl+C gives up on it).
+                        for event in client.stream(gen_id):
+                            if isinstance(event, Finished) and event.id == gen_id:
+                                done = event
+                                break
+                if done is not None and recorder is not None:
+                    recorder.assistant(done.result, parent=asked.id,
+                                       messages=request.messages,
+                                       prompt=request.prompt, raw=args.raw)
         out.write("\n")
         out.flush()
         print("glmchat: interrupted", file=sys.stderr)

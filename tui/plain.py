@@ -231,8 +231,14 @@ class PlainRepl:
                             self.write(event.result.text)
                         return event.result.text, event.result
             except KeyboardInterrupt:
-                self.client.cancel(gen_id)
                 self.interrupts = 1  # a second Ctrl+C at the prompt leaves
+                done = self.client.finished_for(gen_id)  # it came just before the Ctrl+C
+                if done is not None:
+                    if provisional:
+                        self.write("\r\x1b[2K" if self.color else "")
+                        self.write(done.result.text)
+                    return done.result.text, done.result
+                self.client.cancel(gen_id)
                 deadline = time.monotonic() + STOP_GRACE_S
                 try:
                     while (late := self.client.recv(max(0.0, deadline - time.monotonic()))):

@@ -245,7 +245,11 @@ class _Termination:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _Termination.handle)
+        from glmchat.client import deferred  # no torch: the worker pipe's signal guard
+
+        signal.signal(signal.SIGTERM, deferred(_Termination.handle))
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, deferred(signal.default_int_handler))
     code = guarded(lambda: _main(argv))
     return 128 + signal.SIGTERM if _Termination.received and code == 130 else code
 

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,24 +43,43 @@ def _worker_entry(conn: Connection, parent_pid: int, stderr_path: str | None = N
     run_worker(conn, parent_pid)
 
 
-_HELD = {signal.SIGINT, signal.SIGTERM}
+_held = 0  # how deep the main thread is in signals_held blocks
+_pending: list[tuple[Callable[[int, Any], Any], int]] = []
+
+
+def deferred(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+    """``handler`` (Ctrl+C's, our SIGTERM's: both raise KeyboardInterrupt), made to wait while
+    a message crosses the worker pipe. Installed once by the CLI. A handler that raised between
+    a message's length header and its body would leave half a message behind, and the next
+    read (the partial reply a cancel asks for) would fail."""
+
+    def run_or_defer(signum: int, frame: Any) -> Any:
+        if _held:
+            _pending.append((handler, signum))
+            return None
+        return handler(signum, frame)
+
+    return run_or_defer
 
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold Ctrl+C and SIGTERM while one message crosses the pipe. Their handlers raise
-    KeyboardInterrupt, and one raised between a message's length header and its body would
-    leave half a message behind: the next read (the partial reply that a cancel asks for)
-    would then fail. Held, they are delivered as soon as the message is whole. Only the main
-    thread runs Python signal handlers, so other threads need nothing."""
+    """A block in which the ``deferred`` handlers wait; the first signal that came runs as the
+    block ends, when the message is whole. Python runs signal handlers only in the main
+    thread, so other threads need nothing."""
+    global _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    _held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        _held -= 1
+        if not _held and _pending:
+            handler, signum = _pending[0]
+            _pending.clear()
+            handler(signum, None)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -229,7 +229,6 @@ def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
     assert model.gguf_file is not None
     gguf = model.gguf_file
     target = model.weights_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
     with building(target, ".converting-") as tmp:
         progress(1, 4, f"converting {gguf.name} (once): tokenizer")
         try:

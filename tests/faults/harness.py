@@ -119,6 +119,15 @@ class Live:
                 raise AssertionError(f"no reply on stdout: {self.finish(5)}")
             self._read(0.05)
 
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float = 240) -> None:
+        """Until ``done()`` (reading the output meanwhile, so the pipes never fill)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise AssertionError(f"never {what}: {self.finish(5)}")
+            self._read(0.05)
+
     def worker_pid(self) -> int:
         import psutil
 
@@ -148,6 +157,12 @@ def assert_reported(run: Run, code: int, *phrases: str, error_line: bool = True)
         assert errors, str(run)
     for phrase in phrases:
         assert phrase in run.stderr, f"{phrase!r} not said:\n{run}"
+
+
+def private_cache(tmp_path: Path) -> dict[str, str]:
+    """An environment whose model cache is the test's own: the shared one (converted once for
+    the whole suite) is never touched by a fault."""
+    return {"XDG_CACHE_HOME": str(tmp_path / "cache")}
 
 
 # ---- sessions made without a model ----------------------------------------------------------

@@ -95,7 +95,9 @@ def building(target: Path, prefix: str, parent: Path | None = None,
         remove_stale(parent, prefix)
         tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}-", dir=parent))
     except OSError as exc:
-        raise UsageError(f"cannot write {parent} ({exc.strerror or exc}); {hint}") from None
+        why = "a file is where a directory should be" if isinstance(
+            exc, (FileExistsError, NotADirectoryError)) else exc.strerror or str(exc)
+        raise UsageError(f"cannot write {parent} ({why}); {hint}") from None
     try:
         try:
             yield tmp

@@ -223,12 +223,17 @@ def read_only_mount(where: Path) -> Iterator[Callable[[], None]]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+_LIMITED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+            "(int(sys.argv[1]), resource.RLIM_INFINITY)); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class Screen:
     """`glmchat` in a pseudo-terminal (the TUI, the plain REPL), tagged like ``Live``."""
 
     ALT_SCREEN_OFF = "\x1b[?1049l"  # the full-screen app handing the terminal back
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 file_size: int | None = None) -> None:
         import pty
 
         from glmchat.bench.tui import COLUMNS, LINES, Terminal
@@ -236,8 +241,11 @@ class Screen:
         self.tag = secrets.token_hex(6)
         saved = dict(os.environ)
         os.environ.update(_env(self.tag, env))
+        argv = [sys.executable, "-m", "glmchat", *args]
+        if file_size is not None:  # the limit set in a small wrapper that then becomes glmchat
+            argv = [sys.executable, "-c", _LIMITED, str(file_size), *argv]
         try:
-            self.terminal = Terminal([sys.executable, "-m", "glmchat", *args])
+            self.terminal = Terminal(argv)
         finally:
             os.environ.clear()
             os.environ.update(saved)

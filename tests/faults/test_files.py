@@ -88,40 +88,6 @@ def test_config_file_unreadable(tmp_path: Path) -> None:
     assert binary.read_bytes() == b'[generation]\nstop = ["\xff"]\n'
 
 
-@fault("`/save PATH` to a file that exists, or into a missing directory",
-       "refused (`… exists already`, `… does not exist`); a new path gets the whole "
-       "conversation, written to a temporary file and renamed", "the existing file, unchanged")
-def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
-    # The command's rules are the recorder's; this drives them without a terminal.
-    from glmchat.sessions.recorder import open_recorder
-
-    from glmchat.cli import build_parser
-    from glmchat.config import Config
-    from glmchat.errors import GlmchatError
-
-    args = build_parser().parse_args(["--no-save"])
-    recorder = open_recorder(Config(), args)
-    assert recorder is not None
-    from tests.faults.harness import default_model_record
-
-    recorder.session = recorder.store.new_session(default_model_record())
-    recorder.user("Name a colour.")
-    existing = tmp_path / "taken.jsonl"
-    existing.write_text("mine\n")
-    for target, why in ((existing, "exists already"),
-                        (tmp_path / "missing" / "s.jsonl", "does not exist")):
-        try:
-            recorder.save_as(target)
-        except GlmchatError as exc:
-            assert why in str(exc)
-        else:
-            raise AssertionError(f"/save {target} should have failed")
-    assert existing.read_text() == "mine\n"
-    saved = recorder.save_as(tmp_path / "kept.jsonl")
-    assert_readable(saved, events_at_least=1)
-    assert json.loads(saved.read_text().splitlines()[1])["content"] == "Name a colour."
-
-
 @fault("TUI: the session file becomes unwritable mid-chat (replaced by a directory)",
        "`The session could not be saved: … /save PATH writes it to another file` in the "
        "transcript; the chat goes on; `/save PATH` writes everything there",

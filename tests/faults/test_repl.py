@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_plain_repl_disk_full_then_save_elsewhere(tmp_path: Path) -> None:
     history = data / "glmchat" / "history"
     history.parent.mkdir(parents=True)
     history.write_text("\n# 2026-01-01 00:00:00\n+" + "x" * (LIMIT - 50) + "\n")
+    history_before = history.read_bytes()
     elsewhere = tmp_path / "elsewhere.jsonl"
     screen = Screen("--plain", "--session", str(path), "--max-new-tokens", "6",
                     env={"XDG_DATA_HOME": str(data)}, file_size=LIMIT)
@@ -51,6 +53,7 @@ def test_plain_repl_disk_full_then_save_elsewhere(tmp_path: Path) -> None:
     assert "Traceback" not in screen.output
     assert "File too large" in screen.output
     assert path.read_bytes() == before
+    assert history.read_bytes() == history_before  # no torn entry
     session = assert_readable(elsewhere, events_at_least=3)
     assert [t.content for t in session.user_turns()] == ["Name a colour.", "Name a fruit."]
     assert session.assistant_turns() and session.assistant_turns()[-1].text
@@ -83,3 +86,29 @@ def test_plain_repl_save_refusals(tmp_path: Path) -> None:
     assert existing.read_text() == "mine\n"
     session = assert_readable(kept, events_at_least=2)
     assert [t.content for t in session.user_turns()] == ["Name a colour."]
+
+
+@fault("TUI: the prompt history file cannot grow (a full disk, `RLIMIT_FSIZE`)",
+       "`the prompt history … cannot be written (File too large); history is kept for this "
+       "run only` in the transcript, once; the chat goes on; Ctrl+Q, exit 0",
+       "the history file as it was; this run's prompts in memory (Up recalls them)")
+def test_tui_history_disk_full(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    history = data / "glmchat" / "history"
+    history.parent.mkdir(parents=True)
+    history.write_text("\n# 2026-01-01 00:00:00\n+" + "x" * (LIMIT - 50) + "\n")
+    before = history.read_bytes()
+    cache = tmp_path / "cache" / "glmchat"  # its own worker.log, the shared converted model
+    cache.mkdir(parents=True)
+    (cache / "models").symlink_to(Path(os.environ["XDG_CACHE_HOME"]) / "glmchat" / "models")
+    screen = Screen("--no-save", "--max-new-tokens", "4", file_size=LIMIT,
+                    env={"XDG_DATA_HOME": str(data), "XDG_CACHE_HOME": str(cache.parent)})
+    screen.wait_for("loaded in")
+    screen.send("Name a colour.\r")
+    screen.wait_for("cannot be written", timeout=60)
+    screen.wait_for("File too large", timeout=10)
+    time.sleep(1)
+    screen.send("\x11")  # Ctrl+Q
+    assert screen.finish() == 0
+    assert "Traceback" not in screen.output
+    assert history.read_bytes() == before

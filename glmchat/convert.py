@@ -44,7 +44,9 @@ def convert_main(argv: list[str]) -> int:
     started = time.perf_counter()
     print(f"converting {source} (TP={found.tp}, iteration {found.iteration}) -> {target}",
           file=sys.stderr)
-    config = ckpt.convert(found, target, heads=args.num_heads, source_digest=digest,
+    hint = "pass --out DIR on a writable disk" if args.out else \
+        "set XDG_CACHE_HOME to a writable directory, or pass --out DIR"
+    config = ckpt.convert(found, target, heads=args.num_heads, source_digest=digest, hint=hint,
                           report=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     print(f"done in {time.perf_counter() - started:.1f} s: {config.num_layers} layers, hidden "
           f"{config.hidden_size}, {config.num_attention_heads} heads, vocab "

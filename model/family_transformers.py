@@ -71,7 +71,9 @@ def _check_offload_dir(offload_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UsageError(f"offload dir {offload_dir} is not writable ({exc.strerror}); "
+        why = "a file is where the directory should be" if isinstance(
+            exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise UsageError(f"offload dir {offload_dir} is not writable ({why}); "
                          "pass --offload-dir DIR") from None
 
 class TransformersFamily:

@@ -23,7 +23,7 @@ import torch
 
 from glmchat.errors import UsageError
 
-from .atomic_dir import building
+from .atomic_dir import CACHE_HINT, building
 from .glm130b import GLM130BConfig
 
 SHARD_RE = re.compile(r"^mp_rank_(\d\d)_model_states\.pt$")
@@ -158,13 +158,13 @@ def _check_shapes(ckpt: OfficialCheckpoint, rank: int, first: dict[str, torch.Te
 
 
 def convert(ckpt: OfficialCheckpoint, target: Path, heads: int = 0,
-            report: Report | None = None, source_digest: str = "") -> GLM130BConfig:
+            report: Report | None = None, source_digest: str = "",
+            hint: str = CACHE_HINT) -> GLM130BConfig:
     """Merge the shards into ``target``: config.json, embedding.safetensors and
     layer_NNN.safetensors; atomic (temp dir + rename)."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with building(target, ".converting-") as tmp:
+    with building(target, ".converting-", hint=hint) as tmp:
         first = load_shard(ckpt.shards[0])
         for rank in range(1, ckpt.tp):
             _check_shapes(ckpt, rank, first, load_shard(ckpt.shards[rank]))

@@ -8,6 +8,7 @@ truncated file gives a one-line error instead of a traceback from deep inside a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -70,7 +71,9 @@ def file_digest(path: Path) -> str:
         cache: dict[str, str] = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
+    if not isinstance(cache, dict):  # damaged by hand: start it again
+        cache = {}
+    if isinstance(cache.get(key), str):
         return cache[key]
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -78,13 +81,14 @@ def file_digest(path: Path) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     cache[key] = digest
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a rehash next time
+    except OSError:  # a read-only cache only costs a rehash next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return digest
 
 
@@ -229,7 +233,6 @@ def convert_gguf(model: ResolvedModel, progress: Progress) -> None:
     assert model.gguf_file is not None
     gguf = model.gguf_file
     target = model.weights_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
     with building(target, ".converting-") as tmp:
         progress(1, 4, f"converting {gguf.name} (once): tokenizer")
         try:

@@ -123,6 +123,10 @@ class Worker:
 
     def _load(self, engine: Engine, request: Load) -> None:
         t0 = time.perf_counter()
+        kind, _, value = os.environ.get("GLMCHAT_DEBUG_STALL", "").partition(":")
+        if kind == "load":  # the fault injector (see debug_stall): a load that takes S s
+            print(f"glmchat debug: the load stalls {value} s", file=sys.stderr, flush=True)
+            time.sleep(float(value))
         loaded = engine.load(request.spec)
         self.send(Loaded(info=loaded.info, placement=loaded.placement,
                          load_s=time.perf_counter() - t0))
@@ -163,7 +167,8 @@ class Worker:
 def debug_stall(setting: str) -> Callable[[int], None] | None:
     """A fault injector for the tests (tests/faults): GLMCHAT_DEBUG_STALL="slow:S" makes every
     decode step S seconds slower; "hang:N" hangs step N for good, deaf to Cancel and Shutdown,
-    as a forward stuck in a kernel would. Empty: None, no cost."""
+    as a forward stuck in a kernel would. Empty: None, no cost. ("load:S" stalls the load S
+    seconds, Worker._load; "convert:S" a conversion before it is published, atomic_dir.)"""
     kind, _, value = setting.partition(":")
     if kind == "slow":
         delay = float(value)

@@ -82,6 +82,7 @@ class ChatCore(App[int]):
         if self.conversation.resumed_params is not None:
             self.params = self.conversation.resumed_params
         self.history = PromptHistory(paths.history_file() if options.history else None)
+        self.history.on_error = lambda text: self.conversation.warn(text)  # in the transcript
         self.link = EngineLink(self, config.model.spec(), options.client,
                                lambda: make_backend(config, stderr_path=worker_log_path()))
         self.phase = "starting"  # starting | loading | ready | crashed | failed

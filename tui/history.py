@@ -4,7 +4,10 @@ and extend the same file without the TUI importing prompt_toolkit."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,16 +30,28 @@ def load_history(path: Path, limit: int = 1000) -> list[str]:
     return entries[-limit:]
 
 
-def append_history(path: Path, entry: str) -> None:
-    """Add one entry; a history that cannot be written is not worth failing a prompt over."""
+def append_history(path: Path, entry: str) -> OSError | None:
+    """Add one entry; a history that cannot be written is not worth failing a prompt over:
+    the error is returned, not raised."""
+    size: int | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
+            size = f.tell()
             f.write(f"\n# {datetime.datetime.now()}\n")
             for line in entry.split("\n"):
                 f.write(f"+{line}\n")
-    except OSError:
-        pass
+    except OSError as exc:
+        take_back(path, size)
+        return exc
+    return None
+
+
+def take_back(path: Path, size: int | None) -> None:
+    """Cut a failed append off again, so the file ends with its last whole entry."""
+    if size is not None:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
 
 
 class PromptHistory:
@@ -46,14 +61,25 @@ class PromptHistory:
         self.path = path
         self.entries: list[str] = load_history(path) if path is not None else []
         self.position: int | None = None  # index into entries while browsing
+        # A write that failed (a full disk, a directory there): said once through this, then
+        # the history is kept in memory only.
+        self.on_error: Callable[[str], None] | None = None
+        self.failed = False
 
     def add(self, entry: str) -> None:
         self.position = None
         if not entry.strip() or (self.entries and self.entries[-1] == entry):
             return
         self.entries.append(entry)
-        if self.path is not None:
-            append_history(self.path, entry)
+        if self.path is None or self.failed:
+            return
+        error = append_history(self.path, entry)
+        if error is not None:
+            self.failed = True
+            if self.on_error is not None:
+                self.on_error(f"the prompt history {self.path} cannot be written "
+                              f"({error.strerror or error}); history is kept for this run "
+                              "only")
 
     def older(self) -> str | None:
         if not self.entries:

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from glmchat.tui import commands
 from glmchat.tui.conversation import Conversation, start_conversation
 from glmchat.tui.format import human_bytes, stats_line, streaming_summary
+from glmchat.tui.history import take_back
 from glmchat.tui.plain_input import KEYS_HELP, clean_input, key_bindings
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History
@@ -73,8 +74,15 @@ class SafeFileHistory(FileHistory):
         if self.failed:
             return
         try:
+            size: int | None = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        except OSError:
+            size = None
+        try:
             super().store_string(string)
         except OSError as exc:
+            take_back(self.path, size)  # no torn entry left in the file
             self._failed(exc)
 
 

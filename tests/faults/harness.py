@@ -119,6 +119,15 @@ class Live:
                 raise AssertionError(f"no reply on stdout: {self.finish(5)}")
             self._read(0.05)
 
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float = 240) -> None:
+        """Until ``done()`` (reading the output meanwhile, so the pipes never fill)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise AssertionError(f"never {what}: {self.finish(5)}")
+            self._read(0.05)
+
     def worker_pid(self) -> int:
         import psutil
 
@@ -148,6 +157,12 @@ def assert_reported(run: Run, code: int, *phrases: str, error_line: bool = True)
         assert errors, str(run)
     for phrase in phrases:
         assert phrase in run.stderr, f"{phrase!r} not said:\n{run}"
+
+
+def private_cache(tmp_path: Path) -> dict[str, str]:
+    """An environment whose model cache is the test's own: the shared one (converted once for
+    the whole suite) is never touched by a fault."""
+    return {"XDG_CACHE_HOME": str(tmp_path / "cache")}
 
 
 # ---- sessions made without a model ----------------------------------------------------------
@@ -208,12 +223,17 @@ def read_only_mount(where: Path) -> Iterator[Callable[[], None]]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+_LIMITED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+            "(int(sys.argv[1]), resource.RLIM_INFINITY)); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class Screen:
     """`glmchat` in a pseudo-terminal (the TUI, the plain REPL), tagged like ``Live``."""
 
     ALT_SCREEN_OFF = "\x1b[?1049l"  # the full-screen app handing the terminal back
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 file_size: int | None = None) -> None:
         import pty
 
         from glmchat.bench.tui import COLUMNS, LINES, Terminal
@@ -221,8 +241,11 @@ class Screen:
         self.tag = secrets.token_hex(6)
         saved = dict(os.environ)
         os.environ.update(_env(self.tag, env))
+        argv = [sys.executable, "-m", "glmchat", *args]
+        if file_size is not None:  # the limit set in a small wrapper that then becomes glmchat
+            argv = [sys.executable, "-c", _LIMITED, str(file_size), *argv]
         try:
-            self.terminal = Terminal([sys.executable, "-m", "glmchat", *args])
+            self.terminal = Terminal(argv)
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from glmchat.tui.app import Options, make_app
@@ -16,6 +19,7 @@ from tests.faults.harness import (
     assert_reported,
     glmchat,
     make_session,
+    private_cache,
     read_only_mount,
 )
 
@@ -84,40 +88,6 @@ def test_config_file_unreadable(tmp_path: Path) -> None:
     assert binary.read_bytes() == b'[generation]\nstop = ["\xff"]\n'
 
 
-@fault("`/save PATH` to a file that exists, or into a missing directory",
-       "refused (`… exists already`, `… does not exist`); a new path gets the whole "
-       "conversation, written to a temporary file and renamed", "the existing file, unchanged")
-def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
-    # The command's rules are the recorder's; this drives them without a terminal.
-    from glmchat.sessions.recorder import open_recorder
-
-    from glmchat.cli import build_parser
-    from glmchat.config import Config
-    from glmchat.errors import GlmchatError
-
-    args = build_parser().parse_args(["--no-save"])
-    recorder = open_recorder(Config(), args)
-    assert recorder is not None
-    from tests.faults.harness import default_model_record
-
-    recorder.session = recorder.store.new_session(default_model_record())
-    recorder.user("Name a colour.")
-    existing = tmp_path / "taken.jsonl"
-    existing.write_text("mine\n")
-    for target, why in ((existing, "exists already"),
-                        (tmp_path / "missing" / "s.jsonl", "does not exist")):
-        try:
-            recorder.save_as(target)
-        except GlmchatError as exc:
-            assert why in str(exc)
-        else:
-            raise AssertionError(f"/save {target} should have failed")
-    assert existing.read_text() == "mine\n"
-    saved = recorder.save_as(tmp_path / "kept.jsonl")
-    assert_readable(saved, events_at_least=1)
-    assert json.loads(saved.read_text().splitlines()[1])["content"] == "Name a colour."
-
-
 @fault("TUI: the session file becomes unwritable mid-chat (replaced by a directory)",
        "`The session could not be saved: … /save PATH writes it to another file` in the "
        "transcript; the chat goes on; `/save PATH` writes everything there",
@@ -157,3 +127,101 @@ def test_tui_save_fails_mid_chat_then_save_elsewhere(client: EngineClient,
     session = assert_readable(elsewhere, events_at_least=4)
     assert [t.content for t in session.user_turns()] == ["Name a colour.", "Name a fruit."]
     assert len(session.assistant_turns()) == 2
+
+
+# ---- the cache: converted models, digests, offload dir ---------------------------------------
+
+
+def _shared_models() -> Path:
+    """The suite's converted copy of the embedded model (conftest converts it once)."""
+    return Path(os.environ["XDG_CACHE_HOME"]) / "glmchat" / "models"
+
+
+@contextlib.contextmanager
+def _read_only_cache(tmp_path: Path, converted: bool) -> Iterator[dict[str, str]]:
+    """A private cache dir that cannot be written; ``converted``: its models/ is a link to the
+    shared converted copy (nothing writes through it: nothing needs converting)."""
+    env = private_cache(tmp_path)
+    app = Path(env["XDG_CACHE_HOME"]) / "glmchat"
+    if os.geteuid() == 0:
+        with read_only_mount(app) as make_read_only:
+            if converted:
+                (app / "models").symlink_to(_shared_models())
+            make_read_only()
+            yield env
+        return
+    app.mkdir(parents=True)  # not read_only_mount's modes: chmod would follow the link
+    if converted:
+        (app / "models").symlink_to(_shared_models())
+    app.chmod(0o555)
+    try:
+        yield env
+    finally:
+        app.chmod(0o755)
+
+
+@fault("model cache read-only (or not writable) when the model must be converted",
+       "`glmchat: error: cannot write …/glmchat/models (Read-only file system); set "
+       "XDG_CACHE_HOME to a writable directory …`, exit 2, before any reply", "—")
+def test_model_cache_read_only_before_conversion(tmp_path: Path) -> None:
+    with _read_only_cache(tmp_path, converted=False) as env:
+        run = glmchat(*SMALL, "hi", env=env)
+    assert_reported(run, 2, "cannot write", "glmchat/models", "XDG_CACHE_HOME")
+    assert run.stdout == ""
+
+
+@fault("cache dir read-only once the model is converted (digest cache, probes unwritable)",
+       "a documented fallback: the chat works; the digest is computed again each start, "
+       "exit 0", "the converted copy, untouched")
+def test_cache_read_only_after_conversion(tmp_path: Path) -> None:
+    with _read_only_cache(tmp_path, converted=True) as env:
+        run = glmchat(*SMALL, "Name a colour.", env=env)
+    assert_reported(run, 0)
+    assert run.stdout.strip()
+
+
+@fault("the models cache dir is a regular file",
+       "`glmchat: error: cannot write …/models (a file is where a directory should be); set "
+       "XDG_CACHE_HOME …`, exit 2", "the file, untouched")
+def test_models_cache_is_a_file(tmp_path: Path) -> None:
+    env = private_cache(tmp_path)
+    blocker = Path(env["XDG_CACHE_HOME"]) / "glmchat" / "models"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("mine\n")
+    run = glmchat(*SMALL, "hi", env=env)
+    assert_reported(run, 2, "cannot write", "a file is where a directory should be",
+                    "XDG_CACHE_HOME")
+    assert blocker.read_text() == "mine\n"
+
+
+@fault("the digest cache (`digests.json`) is a directory, or not a JSON object",
+       "a documented fallback: ignored, the digest is computed again; exit 0", "—")
+def test_digest_cache_damaged(tmp_path: Path) -> None:
+    env = private_cache(tmp_path)
+    app = Path(env["XDG_CACHE_HOME"]) / "glmchat"
+    app.mkdir(parents=True)
+    (app / "models").symlink_to(_shared_models())
+    (app / "digests.json").mkdir()
+    assert_reported(glmchat(*SMALL, "hi", env=env), 0)
+    assert [p.name for p in app.iterdir() if p.name.endswith(".tmp")] == []
+    (app / "digests.json").rmdir()
+    (app / "digests.json").write_text("[1, 2]")
+    assert_reported(glmchat(*SMALL, "hi", env=env), 0)
+    assert isinstance(json.loads((app / "digests.json").read_text()), dict)  # made anew
+
+
+@fault("`--offload-dir` is a regular file, or read-only, when layers go to disk",
+       "`glmchat: error: offload dir … is not writable (…); pass --offload-dir DIR`, exit 2",
+       "the file, untouched")
+def test_offload_dir_unwritable(tmp_path: Path) -> None:
+    disk = ("--offload-runtime", "accelerate", "--cpu-memory", "0.05")
+    blocker = tmp_path / "offload"
+    blocker.write_text("mine\n")
+    run = glmchat(*disk, "--offload-dir", str(blocker), *SMALL, "hi")
+    assert_reported(run, 2, "offload dir", "a file is where the directory should be",
+                    "--offload-dir")
+    assert blocker.read_text() == "mine\n"
+    with read_only_mount(tmp_path / "ro") as make_read_only:
+        make_read_only()
+        run = glmchat(*disk, "--offload-dir", str(tmp_path / "ro"), *SMALL, "hi")
+    assert_reported(run, 2, "offload dir", "not writable", "--offload-dir")

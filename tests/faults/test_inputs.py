@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.faults.cases import fault
 from tests.faults.harness import (
     SMALL,
+    Live,
     assert_readable,
     assert_reported,
     glmchat,
@@ -135,3 +136,24 @@ def test_replay_check_catches_an_edited_text(tmp_path: Path) -> None:
     assert "text diverges at character 0" in run.stdout
     assert "recorded tokens decode to" in run.stdout
     assert path.read_bytes() == before
+
+
+@fault("two `glmchat --session FILE \"…\"` one-shots at once on one session",
+       "both answer, exit 0; their appends are locked and whole (two branches from the same "
+       "turn)", "every event of both, the file loads without a warning")
+def test_two_one_shots_on_one_session(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    make_session(path, ("Name a colour.",))
+    prompts = ("Name a fruit.", "Name an animal.")
+    runs = [Live("--session", str(path), *SMALL, prompt) for prompt in prompts]
+    for live in runs:
+        assert_reported(live.finish(240), 0)
+    session = assert_readable(path, events_at_least=5)
+    users = {t.content: t for t in session.user_turns()}
+    assert set(prompts) <= set(users)
+    replies = session.assistant_turns()
+    for prompt in prompts:
+        [reply] = [r for r in replies if r.parent == users[prompt].id]
+        assert reply.text
+    for line in path.read_bytes().splitlines():
+        json.loads(line)  # nothing torn or interleaved

@@ -473,14 +473,15 @@ def _load_quantized(result: Any, spec: Any, dtype: Any, device: Any, prefetch: i
     from accelerate import init_empty_weights
     from glmchat.model import offload
     from glmchat.model import placement as place
-    from glmchat.model.qlinear import swap_linears
+    from glmchat.model.qlinear import lookup_on_disk, swap_linears
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(result.runtime_dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_linears(model, result.runtime_dir, result.scheme, result.group_size)
-    device_map = place.compute_device_map(model, spec, dtype) or {"": str(device)}
+    device_map = place.compute_device_map(
+        model, spec, dtype, lookup_on_disk(model, result.runtime_dir, dtype)) or {"": str(device)}
     runtime = offload.load_offloaded(model, result.runtime_dir, device_map, dtype, device,
                                      prefetch=prefetch, release_behind=release_behind,
                                      reader=reader)

@@ -116,7 +116,12 @@ class TransformersFamily:
             swap_linears(meta_model, weights_dir, quantized.scheme, quantized.group_size)
 
         progress(2, 4, "placing layers")
-        device_map = place.compute_device_map(meta_model, spec, dtype)
+        lookup_on_disk = False
+        if quantized is not None:
+            from .qlinear import lookup_on_disk as _lookup_on_disk
+
+            lookup_on_disk = _lookup_on_disk(meta_model, weights_dir, dtype)
+        device_map = place.compute_device_map(meta_model, spec, dtype, lookup_on_disk)
         offload_dir = Path(spec.offload_dir or paths.default_offload_dir()).expanduser()
         runtime = "resident"
         streamed = spec.offload_runtime == "glmchat" and offload.streams_layers(device_map)

@@ -72,10 +72,13 @@ def scored(resident: dict[str, Any]) -> Iterator[dict[str, quality.Score]]:
 
 
 def test_int4_g32_is_within_one_percent_of_full_width(scored: dict[str, quality.Score]) -> None:
-    # measured here on these 1024 tokens: -0.13 % perplexity, 98.8 % top-1, KL 0.0007
+    # measured here on these 1024 tokens: -0.12 % perplexity, 96.9 % top-1, KL 0.0020 with the
+    # int8 head (quant.HEAD_SCHEME); -0.13 %, 98.8 %, 0.0007 when the head stayed full width.
+    # The int4 layers are near exact (the weights came from Q4_1 blocks); the ~2 points of
+    # top-1 are the int8 head's, so the bound sits between the int8 bound and the old one.
     base, got = scored["none"].ppl, scored["int4-g32"]
     assert abs(got.ppl / base - 1) <= 0.01
-    assert got.top1 >= 0.97
+    assert got.top1 >= 0.96
     assert got.kl < 0.005
 
 
@@ -98,6 +101,14 @@ def test_streamed_and_resident_runs_of_a_scheme_give_identical_tokens(
                                  offload_reader=reader))
     assert kept.loaded.placement.runtime == "resident"
     assert streamed.loaded.offload.stats.streamed_layers == 30
+    # The head too: a quantized copy of the tied embedding, streamed like the layers.
+    from glmchat.model.qlinear import QLinear
+
+    assert isinstance(kept.loaded.model.lm_head, QLinear)
+    assert kept.loaded.model.lm_head.scheme == "int8"  # int4 models too (quant.HEAD_SCHEME)
+    assert kept.loaded.model.lm_head.weight.dtype == torch.int8
+    assert "lm_head" in [u.name for u in streamed.loaded.offload.streamer.layers]
+    assert kept.loaded.model.get_input_embeddings().weight.dtype == torch.float32
     assert streamed.loaded.offload.stats.reader == reader
     ids = kept.loaded.tokenizer("The lighthouse keeper climbed the stairs")["input_ids"]
     want = _greedy(kept.loaded.model, ids, 8)
@@ -111,13 +122,17 @@ def test_placement_counts_the_quantized_bytes_and_the_panels_show_the_scheme(
     int4 = _engine(ModelSpec(quantize="int4", cpu_memory=ALL_ON_DISK))
     full_bytes = sum(full.loaded.placement.bytes_per_tier.values())
     int4_bytes = sum(int4.loaded.placement.bytes_per_tier.values())
-    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight
-    linears = 106_168_320
-    assert full_bytes - int4_bytes == pytest.approx(linears * (4 - 0.625), rel=0.01)
+    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight; the tied head
+    # (49152 x 576) gets an int4 copy beside the fp32 embedding table, which stays for lookup.
+    linears, head = 106_168_320, 49152 * 576
+    assert full_bytes - int4_bytes == pytest.approx(linears * (4 - 0.625) - head * 0.625,
+                                                    rel=0.01)
     stats = int4.loaded.offload.live_stats(0.1)
     assert stats["quantize"] == "int4-g32"
+    # Streamed per token: the layers and the head, each at 0.625 bytes a weight instead of 4
+    # (the embedding table is mapped: a lookup reads its rows).
     assert stats["bytes_streamed_per_token"] == pytest.approx(
-        full.loaded.offload.stats.bytes_per_token - linears * (4 - 0.625), rel=0.01)
+        full.loaded.offload.stats.bytes_per_token - (linears + head) * (4 - 0.625), rel=0.01)
     assert int4.loaded.info.quantize == int4.loaded.placement.quantize == "int4-g32"
     assert int4.loaded.info.n_params == full.loaded.info.n_params
     from glmchat.tui.format import streaming_summary
@@ -160,6 +175,7 @@ def test_shapes_the_kernel_cannot_take_stay_full_width_with_a_note(odd_model: Pa
     result = _prepare(odd_model, "int4")
     assert any("k_proj" in f and "multiple of 32" in f for f in result.fallbacks)
     assert not any("down_proj" in f for f in result.fallbacks)
+    assert any(f.startswith("lm_head.weight [49152, 80]") for f in result.fallbacks)
     engine = _engine(ModelSpec(path=str(odd_model), quantize="int4"))
     notes = [e.what for e in engine.events if getattr(e, "what", "").startswith("note:")]
     assert any("kept at full width" in n and "q_proj" in n for n in notes)

@@ -607,6 +607,36 @@ def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
             ratio = run.bytes_per_token / max(full.bytes_per_token, 1)
             print(f"{run.engine} {run.regime}: {speedup:.2f}x full width, {ratio:.2f}x its "
                   f"bytes per token (layers per tier {run.layers_per_tier})")
+    _scheme_table(runs, bounds)
+
+
+def _scheme_table(runs: list[Run], bounds: dict[str, float]) -> None:
+    """The compact summary: ours per scheme, warm and cold, against ours at full width (the
+    same reader the regime's ``glmchat`` row used)."""
+    by = {(r.engine, r.regime): r for r in runs}
+    schemes = ["none", *sorted({r.scheme for r in runs if r.scheme != "none"})]
+    if len(schemes) < 2:
+        return
+    print()
+    header = (f"{'weights':9s} {'MB/token':>9s} {'warm tok/s':>10s} {'x full':>7s} "
+              f"{'cold tok/s':>10s} {'x full':>7s} {'cold % bound':>12s}")
+    print(header)
+    print("-" * len(header))
+    for scheme in schemes:
+        engine = "glmchat" if scheme == "none" else f"glmchat:{scheme}"
+        cells = [f"{'full' if scheme == 'none' else scheme:9s}"]
+        mb = next((r.bytes_per_token / 1e6 for r in runs if r.engine == engine), 0.0)
+        cells.append(f"{mb:9.1f}")
+        bound_pct = 0.0
+        for regime in ("warm", "cold"):
+            run, full = by.get((engine, regime)), by.get(("glmchat", regime))
+            tps = run.decode_tokens_per_s if run else 0.0
+            ratio = tps / full.decode_tokens_per_s if full and full.decode_tokens_per_s else 0.0
+            cells += [_cell(tps, 10), _cell(ratio, 7, "x")]
+            if regime == "cold" and run and run.bytes_per_token and bounds.get("cold"):
+                bound_pct = 100 * tps / (bounds["cold"] * 1e9 / run.bytes_per_token)
+        cells.append(_cell(bound_pct, 11, "%"))
+        print(" ".join(cells))
 
 
 def _cell(value: float, width: int, suffix: str = "") -> str:

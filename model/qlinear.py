@@ -63,7 +63,6 @@ class QLinear(nn.Module):
             self.register_parameter(name, nn.Parameter(
                 torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False))
         self.bias = bias
-        self.copy_of_embedding = False  # a tied head's quantized copy (not counted as params)
 
     def extra_repr(self) -> str:
         group = f", group {self.group_size}" if self.scheme == "int4" else ""
@@ -102,7 +101,6 @@ def stored_shapes(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dty
 def swap_linears(model: nn.Module, directory: Path, scheme: str, group: int) -> int:
     """Replace the Linears the checkpoint in ``directory`` stores quantized; returns how many."""
     shapes = stored_shapes(directory)
-    untied_head = getattr(getattr(model, "config", None), "glmchat_untied_head", None)
     swapped = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -118,7 +116,6 @@ def swap_linears(model: nn.Module, directory: Path, scheme: str, group: int) -> 
         own_scheme = "int8" if stored[1] == torch.int8 else scheme
         replacement = QLinear(own_scheme, group, module.in_features, module.out_features, own,
                               bias)
-        replacement.copy_of_embedding = name == untied_head
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, replacement)
         swapped += 1
@@ -129,27 +126,6 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the quantized layers' parameters (the stored, streamed form)."""
     return sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, QLinear)
                for p in m.parameters(recurse=False))
-
-
-def logical_params(model: nn.Module) -> int:
-    """Parameter count as at full width: a quantized Linear counts its K x N weights (and its
-    bias), not its packed bytes or scales; tied parameters once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QLinear):
-            if module.copy_of_embedding:
-                continue  # the source model's tied head: counted with the embedding
-            total += module.in_features * module.out_features
-            if module.bias is not None and id(module.bias) not in seen:
-                seen.add(id(module.bias))
-                total += module.bias.numel()
-            continue
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel()
-    return total
 
 
 def lookup_on_disk(model: nn.Module, directory: Path, dtype: torch.dtype) -> bool:

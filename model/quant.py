@@ -382,9 +382,10 @@ HEAD_SCHEME = {"int8": "int8", "int4": "int8"}
 
 def _quantize_head(head: Head | None, source: torch.Tensor | None, scheme: str, group: int,
                    out: dict[str, torch.Tensor], fallbacks: list[str]) -> str | None:
-    """Quantize the head into ``out`` (the rest file), in ``HEAD_SCHEME``'s scheme. A shape the kernel cannot take stays
-    full width (and tied, if it was), with a note. Returns the head's name when it is a
-    quantized copy of a tied embedding (the copy's config unties them), else None."""
+    """Quantize the head into ``out`` (the rest file), in ``HEAD_SCHEME``'s scheme. A shape
+    the kernel cannot take stays full width (and tied, if it was), with a note. Returns the
+    head's name when it is a quantized copy of a tied embedding (the copy's config unties
+    them), else None."""
     if head is None or source is None or source.dim() != 2:
         if head is not None and source is not None:
             out[head.key] = source.contiguous()

@@ -122,17 +122,17 @@ def test_placement_counts_the_quantized_bytes_and_the_panels_show_the_scheme(
     int4 = _engine(ModelSpec(quantize="int4", cpu_memory=ALL_ON_DISK))
     full_bytes = sum(full.loaded.placement.bytes_per_tier.values())
     int4_bytes = sum(int4.loaded.placement.bytes_per_tier.values())
-    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight; the tied head
-    # (49152 x 576) gets an int4 copy beside the fp32 embedding table, which stays for lookup.
+    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight; the head
+    # (49152 x 576, tied: streamed in fp32 beside the mapped table at full width) becomes an
+    # int8 copy (1 byte a weight + a bf16 scale a row), the fp32 table staying for lookup.
     linears, head = 106_168_320, 49152 * 576
-    assert full_bytes - int4_bytes == pytest.approx(linears * (4 - 0.625) - head * 0.625,
-                                                    rel=0.01)
+    saved = linears * (4 - 0.625) + head * (4 - 1)
+    assert full_bytes - int4_bytes == pytest.approx(saved, rel=0.01)
     stats = int4.loaded.offload.live_stats(0.1)
     assert stats["quantize"] == "int4-g32"
-    # Streamed per token: the layers and the head, each at 0.625 bytes a weight instead of 4
-    # (the embedding table is mapped: a lookup reads its rows).
+    # Streamed per token: the layers and the head (the table is mapped: a lookup reads rows).
     assert stats["bytes_streamed_per_token"] == pytest.approx(
-        full.loaded.offload.stats.bytes_per_token - (linears + head) * (4 - 0.625), rel=0.01)
+        full.loaded.offload.stats.bytes_per_token - saved, rel=0.01)
     assert int4.loaded.info.quantize == int4.loaded.placement.quantize == "int4-g32"
     assert int4.loaded.info.n_params == full.loaded.info.n_params
     from glmchat.tui.format import streaming_summary

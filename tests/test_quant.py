@@ -303,7 +303,7 @@ def test_a_quantized_tied_head_sends_the_lookup_table_to_disk_first(
                      if name.startswith("model.layers."))
         return layers, device_map.get("model.embed_tokens", "?")
 
-    plain, plain_table = layers_in_ram(False)
+    plain, _table = layers_in_ram(False)
     more, table = layers_in_ram(True)
     assert table == "disk"
     assert more > plain

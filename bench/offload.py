@@ -473,14 +473,15 @@ def _load_quantized(result: Any, spec: Any, dtype: Any, device: Any, prefetch: i
     from accelerate import init_empty_weights
     from glmchat.model import offload
     from glmchat.model import placement as place
-    from glmchat.model.qlinear import swap_linears
+    from glmchat.model.qlinear import lookup_on_disk, swap_linears
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(result.runtime_dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_linears(model, result.runtime_dir, result.scheme, result.group_size)
-    device_map = place.compute_device_map(model, spec, dtype) or {"": str(device)}
+    device_map = place.compute_device_map(
+        model, spec, dtype, lookup_on_disk(model, result.runtime_dir, dtype)) or {"": str(device)}
     runtime = offload.load_offloaded(model, result.runtime_dir, device_map, dtype, device,
                                      prefetch=prefetch, release_behind=release_behind,
                                      reader=reader)
@@ -606,6 +607,48 @@ def _report(runs: list[Run], bounds: dict[str, float], bound_name: str) -> None:
             ratio = run.bytes_per_token / max(full.bytes_per_token, 1)
             print(f"{run.engine} {run.regime}: {speedup:.2f}x full width, {ratio:.2f}x its "
                   f"bytes per token (layers per tier {run.layers_per_tier})")
+    _scheme_table(runs, bounds)
+
+
+def _scheme_table(runs: list[Run], bounds: dict[str, float]) -> None:
+    """The compact summary: ours per scheme, warm and cold, against ours at full width — the
+    fastest full-width row of the regime (``glmchat``, ``glmchat:mmap`` or ``:default``), so a
+    slow reader at full width does not flatter the quantized runs."""
+    by = {(r.engine, r.regime): r for r in runs}
+    for regime in REGIMES:
+        widths = [r for r in runs if r.regime == regime and r.scheme == "none"
+                  and r.engine.startswith("glmchat")]
+        if widths:
+            by[("glmchat", regime)] = max(widths, key=lambda r: r.decode_tokens_per_s)
+    schemes = ["none", *sorted({r.scheme for r in runs if r.scheme != "none"})]
+    if len(schemes) < 2:
+        return
+    print()
+    header = (f"{'weights':9s} {'MB/token':>9s} {'warm tok/s':>10s} {'x full':>7s} "
+              f"{'cold tok/s':>10s} {'x full':>7s} {'cold % bound':>12s}  "
+              "(x full: against the fastest full-width row of the regime)")
+    print(header)
+    print("-" * len(header))
+    for scheme in schemes:
+        engine = "glmchat" if scheme == "none" else f"glmchat:{scheme}"
+        cells = [f"{'full' if scheme == 'none' else scheme:9s}"]
+        mb = next((r.bytes_per_token / 1e6 for r in runs if r.engine == engine), 0.0)
+        cells.append(f"{mb:9.1f}")
+        bound_pct = 0.0
+        for regime in ("warm", "cold"):
+            run, full = by.get((engine, regime)), by.get(("glmchat", regime))
+            tps = run.decode_tokens_per_s if run else 0.0
+            ratio = tps / full.decode_tokens_per_s if full and full.decode_tokens_per_s else 0.0
+            cells += [_cell(tps, 10), _cell(ratio, 7, "x")]
+            if regime == "cold" and run and run.bytes_per_token and bounds.get("cold"):
+                bound_pct = 100 * tps / (bounds["cold"] * 1e9 / run.bytes_per_token)
+        cells.append(_cell(bound_pct, 11, "%"))
+        print(" ".join(cells))
+    for regime in REGIMES:
+        best = by.get(("glmchat", regime))
+        if best is not None:
+            print(f"full width {regime}: {best.engine} ({best.reader}) "
+                  f"{best.decode_tokens_per_s:.3f} tok/s")
 
 
 def _cell(value: float, width: int, suffix: str = "") -> str:

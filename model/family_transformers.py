@@ -111,14 +111,26 @@ class TransformersFamily:
         dtype = pick_dtype(spec.dtype, config)
         with init_empty_weights():
             meta_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tie = getattr(meta_model, "tie_weights", None)
+        if callable(tie):
+            tie()  # a tied head and its embedding: one parameter, counted once
         n_params = sum(p.numel() for p in meta_model.parameters())
+        untied = getattr(config, "glmchat_untied_head", None)  # quant.py's copy of a tied head
+        if untied:
+            n_params -= sum(p.numel() for p in meta_model.get_submodule(untied).parameters())
+        meta_params = n_params  # tied weights once (streaming binds them apart)
         if quantized is not None:
             from .qlinear import swap_linears
 
             swap_linears(meta_model, weights_dir, quantized.scheme, quantized.group_size)
 
         progress(2, 4, "placing layers")
-        device_map = place.compute_device_map(meta_model, spec, dtype)
+        lookup_on_disk = False
+        if quantized is not None:
+            from .qlinear import lookup_on_disk as _lookup_on_disk
+
+            lookup_on_disk = _lookup_on_disk(meta_model, weights_dir, dtype)
+        device_map = place.compute_device_map(meta_model, spec, dtype, lookup_on_disk)
         offload_dir = Path(spec.offload_dir or paths.default_offload_dir()).expanduser()
         runtime = "resident"
         streamed = spec.offload_runtime == "glmchat" and offload.streams_layers(device_map)
@@ -174,12 +186,11 @@ class TransformersFamily:
             raise UsageError(f"{weights_dir} cannot be loaded: {first_line}") from None
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        if streamed:  # the runtime binds tied names to separate tensors; quantized: packed
+            n_params = meta_params
         placement = place.summarize(model, device_map, runtime)
         if quantized is not None:
-            from .qlinear import logical_params
-
             placement.quantize = quantized.label
-            n_params = logical_params(model)
         placement.notes.extend(notes)
         context = int(getattr(config, "max_position_embeddings", 0)
                       or getattr(tokenizer, "model_max_length", 2048))

@@ -43,12 +43,32 @@ def tier_of(device: str | int | torch.device) -> str:
 
 
 def compute_device_map(meta_model: nn.Module, spec: ModelSpec,
-                       dtype: torch.dtype) -> dict[str, str] | None:
+                       dtype: torch.dtype, lookup_on_disk: bool = False
+                       ) -> dict[str, str] | None:
     """The device map for ``meta_model`` (weights on the meta device), or None for "all on the
-    one fast device" when no limit is set."""
+    one fast device" when no limit is set.
+
+    ``lookup_on_disk`` (CPU compute, an embedding untied from the head, as a quantized head's
+    copy makes it): when layers go to disk anyway, the embedding table goes there first — the
+    runtime maps it and a lookup reads a few rows — and its RAM share goes to layers."""
     budget = max_memory_for(spec)
     if budget is None:
         return None
+    embedding = (meta_model.get_input_embeddings()  # type: ignore[operator]
+                 if lookup_on_disk else None)
+    if isinstance(embedding, nn.Embedding) and gpu_count() == 0:
+        names = {id(m): n for n, m in meta_model.named_modules()}
+        table = embedding.weight.numel() * dtype.itemsize
+        wider = {**budget, "cpu": int(budget["cpu"]) + table}
+        device_map = _infer(meta_model, wider, dtype)
+        if "disk" in device_map.values():
+            device_map[names[id(embedding)]] = "disk"
+            return device_map
+    return _infer(meta_model, budget, dtype)
+
+
+def _infer(meta_model: nn.Module, budget: dict[int | str, int], dtype: torch.dtype
+           ) -> dict[str, str]:
     tie = getattr(meta_model, "tie_weights", None)
     if callable(tie):
         tie()  # tied embeddings/head are one tensor: counted once, placed together

@@ -31,7 +31,9 @@ def quant_matmul(scheme: str, group: int, x: torch.Tensor, tensors: dict[str, to
     """``x`` (bf16 ``[M, K]``) times the quantized weight transposed: bf16 ``[M, N]``."""
     weight = tensors["weight"]
     if scheme == "int8":
-        scale = tensors["weight_scale"].to(KERNEL_DTYPE)
+        scale = tensors["weight_scale"]
+        if scale.dtype != KERNEL_DTYPE:
+            scale = scale.to(KERNEL_DTYPE)
         if weight.is_cuda:
             return nn.functional.linear(x, weight.to(KERNEL_DTYPE) * scale[:, None])
         if weight.data_ptr() % 64:  # the kernel faults on unaligned weights (quant.ALIGN)
@@ -40,7 +42,9 @@ def quant_matmul(scheme: str, group: int, x: torch.Tensor, tensors: dict[str, to
     if scheme == "int4":
         if weight.is_cuda:
             raise NotImplementedError("int4 on CUDA")
-        scale_zeros = tensors["weight_scale_zeros"].to(KERNEL_DTYPE)
+        scale_zeros = tensors["weight_scale_zeros"]
+        if scale_zeros.dtype != KERNEL_DTYPE:
+            scale_zeros = scale_zeros.to(KERNEL_DTYPE)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zeros)
     raise ValueError(f"unknown scheme {scheme!r}")
 
@@ -67,9 +71,13 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = {name: self._parameters[name] for name in self.tensor_names}
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != KERNEL_DTYPE:
+            flat = flat.to(KERNEL_DTYPE)
         out = quant_matmul(self.scheme, self.group_size, flat, tensors)  # type: ignore[arg-type]
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -104,7 +112,9 @@ def swap_linears(model: nn.Module, directory: Path, scheme: str, group: int) -> 
         own = {key[len(prefix):]: value for key, value in shapes.items()
                if key.startswith(prefix) and key[len(prefix):].startswith("weight")}
         bias = module.bias if module.bias is not None else None
-        replacement = QLinear(scheme, group, module.in_features, module.out_features, own,
+        # Each matrix's scheme is its stored dtype's: an int4 model keeps an int8 head.
+        own_scheme = "int8" if stored[1] == torch.int8 else scheme
+        replacement = QLinear(own_scheme, group, module.in_features, module.out_features, own,
                               bias)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, replacement)
@@ -118,20 +128,13 @@ def quantized_bytes(model: nn.Module) -> int:
                for p in m.parameters(recurse=False))
 
 
-def logical_params(model: nn.Module) -> int:
-    """Parameter count as at full width: a quantized Linear counts its K x N weights (and its
-    bias), not its packed bytes or scales; tied parameters once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QLinear):
-            total += module.in_features * module.out_features
-            if module.bias is not None and id(module.bias) not in seen:
-                seen.add(id(module.bias))
-                total += module.bias.numel()
-            continue
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel()
-    return total
+def lookup_on_disk(model: nn.Module, directory: Path, dtype: torch.dtype) -> bool:
+    """Whether placement should put the embedding table on disk first: the head is a quantized
+    copy (``quant.py`` untied it) and the table is stored in the compute dtype, so the runtime
+    maps it and a lookup reads only its rows (``offload._load``)."""
+    if not getattr(getattr(model, "config", None), "glmchat_untied_head", None):
+        return False
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    names = {id(m): n for n, m in model.named_modules()}
+    stored = stored_shapes(directory).get(f"{names.get(id(embedding), '')}.weight")
+    return stored is not None and stored[1] == dtype

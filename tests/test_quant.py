@@ -72,15 +72,19 @@ def scored(resident: dict[str, Any]) -> Iterator[dict[str, quality.Score]]:
 
 
 def test_int4_g32_is_within_one_percent_of_full_width(scored: dict[str, quality.Score]) -> None:
-    # measured here on these 1024 tokens: -0.13 % perplexity, 98.8 % top-1, KL 0.0007
+    # measured here on these 1024 tokens: -0.12 % perplexity, 96.9 % top-1, KL 0.0020 with the
+    # int8 head (quant.HEAD_SCHEME); -0.13 %, 98.8 %, 0.0007 when the head stayed full width.
+    # The int4 layers are near exact (the weights came from Q4_1 blocks); the ~2 points of
+    # top-1 are the int8 head's, so the bound sits between the int8 bound and the old one.
     base, got = scored["none"].ppl, scored["int4-g32"]
     assert abs(got.ppl / base - 1) <= 0.01
-    assert got.top1 >= 0.97
+    assert got.top1 >= 0.96
     assert got.kl < 0.005
 
 
 def test_int8_is_within_one_and_a_half_percent(scored: dict[str, quality.Score]) -> None:
-    # measured here on these 1024 tokens: +0.28 % perplexity, 97.6 % top-1, KL 0.0031
+    # measured here on these 1024 tokens: +0.16 % perplexity, 95.5 % top-1, KL 0.0046 with the
+    # int8 head; +0.28 %, 97.6 %, 0.0031 when the head stayed full width
     base, got = scored["none"].ppl, scored["int8"]
     assert abs(got.ppl / base - 1) <= 0.015
     assert got.top1 >= 0.94
@@ -98,6 +102,14 @@ def test_streamed_and_resident_runs_of_a_scheme_give_identical_tokens(
                                  offload_reader=reader))
     assert kept.loaded.placement.runtime == "resident"
     assert streamed.loaded.offload.stats.streamed_layers == 30
+    # The head too: a quantized copy of the tied embedding, streamed like the layers.
+    from glmchat.model.qlinear import QLinear
+
+    assert isinstance(kept.loaded.model.lm_head, QLinear)
+    assert kept.loaded.model.lm_head.scheme == "int8"  # int4 models too (quant.HEAD_SCHEME)
+    assert kept.loaded.model.lm_head.weight.dtype == torch.int8
+    assert "lm_head" in [u.name for u in streamed.loaded.offload.streamer.layers]
+    assert kept.loaded.model.get_input_embeddings().weight.dtype == torch.float32
     assert streamed.loaded.offload.stats.reader == reader
     ids = kept.loaded.tokenizer("The lighthouse keeper climbed the stairs")["input_ids"]
     want = _greedy(kept.loaded.model, ids, 8)
@@ -111,13 +123,17 @@ def test_placement_counts_the_quantized_bytes_and_the_panels_show_the_scheme(
     int4 = _engine(ModelSpec(quantize="int4", cpu_memory=ALL_ON_DISK))
     full_bytes = sum(full.loaded.placement.bytes_per_tier.values())
     int4_bytes = sum(int4.loaded.placement.bytes_per_tier.values())
-    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight
-    linears = 106_168_320
-    assert full_bytes - int4_bytes == pytest.approx(linears * (4 - 0.625), rel=0.01)
+    # fp32 linears (106 M weights, 4 bytes) become 0.5 + 0.125 bytes a weight; the head
+    # (49152 x 576, tied: streamed in fp32 beside the mapped table at full width) becomes an
+    # int8 copy (1 byte a weight + a bf16 scale a row), the fp32 table staying for lookup.
+    linears, head = 106_168_320, 49152 * 576
+    saved = linears * (4 - 0.625) + head * (4 - 1)
+    assert full_bytes - int4_bytes == pytest.approx(saved, rel=0.01)
     stats = int4.loaded.offload.live_stats(0.1)
     assert stats["quantize"] == "int4-g32"
+    # Streamed per token: the layers and the head (the table is mapped: a lookup reads rows).
     assert stats["bytes_streamed_per_token"] == pytest.approx(
-        full.loaded.offload.stats.bytes_per_token - linears * (4 - 0.625), rel=0.01)
+        full.loaded.offload.stats.bytes_per_token - saved, rel=0.01)
     assert int4.loaded.info.quantize == int4.loaded.placement.quantize == "int4-g32"
     assert int4.loaded.info.n_params == full.loaded.info.n_params
     from glmchat.tui.format import streaming_summary
@@ -160,6 +176,7 @@ def test_shapes_the_kernel_cannot_take_stay_full_width_with_a_note(odd_model: Pa
     result = _prepare(odd_model, "int4")
     assert any("k_proj" in f and "multiple of 32" in f for f in result.fallbacks)
     assert not any("down_proj" in f for f in result.fallbacks)
+    assert any(f.startswith("lm_head.weight [49152, 80]") for f in result.fallbacks)
     engine = _engine(ModelSpec(path=str(odd_model), quantize="int4"))
     notes = [e.what for e in engine.events if getattr(e, "what", "").startswith("note:")]
     assert any("kept at full width" in n and "q_proj" in n for n in notes)
@@ -179,6 +196,8 @@ def test_a_corrupt_quantized_cache_is_rebuilt(odd_model: Path) -> None:
     again = _prepare(odd_model, "int8")
     assert any("corrupt" in n and "rebuilt" in n for n in again.notes)
     assert _prepare(odd_model, "int8").notes == []  # and sound from then on
+    (again.quant_dir / quant.MARKER).write_text("{not json")  # an unreadable marker
+    assert any("unreadable" in n and "rebuilt" in n for n in _prepare(odd_model, "int8").notes)
 
 
 def test_a_packed_int4_copy_that_does_not_match_is_packed_again(odd_model: Path) -> None:
@@ -255,3 +274,36 @@ def test_sessions_record_the_scheme_and_replay_uses_it(isolated_xdg: Path) -> No
 def test_int4_on_a_gpu_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="int4 is not supported on a GPU"):
         quant.prepare(tmp_path, "0" * 64, "int4", 32, lambda d, t, w: None, "cuda")
+
+
+def test_a_quantized_tied_head_sends_the_lookup_table_to_disk_first(
+        resident: dict[str, Any]) -> None:
+    """Placement of the embedded model's int4 copy under 0.08 GiB, less than its fp32 table
+    (113 MB): accelerate's placement, filling RAM in module order, would send the table and so
+    every layer after it to disk; with the table (lookup only, mapped) on disk first, layers
+    take the RAM."""
+    from accelerate import init_empty_weights
+    from glmchat.model import placement as place
+    from glmchat.model.qlinear import lookup_on_disk, swap_linears
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(resident["int4"].loaded.info.weights_dir)
+    config = AutoConfig.from_pretrained(directory)
+    assert config.tie_word_embeddings is False and config.glmchat_untied_head == "lm_head"
+
+    def layers_in_ram(lookup: bool) -> tuple[int, str]:
+        with init_empty_weights():
+            meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        swap_linears(meta, directory, "int4", 32)
+        assert lookup_on_disk(meta, directory, torch.float32)
+        device_map = place.compute_device_map(meta, ModelSpec(cpu_memory=0.08),
+                                              torch.float32, lookup)
+        assert device_map is not None
+        layers = sum(tier == "cpu" for name, tier in device_map.items()
+                     if name.startswith("model.layers."))
+        return layers, device_map.get("model.embed_tokens", "?")
+
+    plain, _table = layers_in_ram(False)
+    more, table = layers_in_ram(True)
+    assert table == "disk"
+    assert more > plain

@@ -214,6 +214,13 @@ class PlainRepl:
         elif text:
             self.conversation.add_assistant(None, text)
 
+    def _finished(self, event: Finished, provisional: bool) -> tuple[str, GenerationResult]:
+        """The reply is whole: a beam search's, shown only as progress so far, is printed now."""
+        if provisional:
+            self.write("\r\x1b[2K" if self.color else "")
+            self.write(event.result.text)
+        return event.result.text, event.result
+
     def _stream(self, gen_id: str) -> tuple[str, GenerationResult | None]:
         text = ""
         provisional = False
@@ -234,18 +241,12 @@ class PlainRepl:
                     elif isinstance(event, StepStats) and event.new_tokens > 1:
                         self.last_step_extra = event.extra
                     elif isinstance(event, Finished):
-                        if provisional:
-                            self.write("\r\x1b[2K" if self.color else "")
-                            self.write(event.result.text)
-                        return event.result.text, event.result
+                        return self._finished(event, provisional)
             except KeyboardInterrupt:
                 self.interrupts = 1  # a second Ctrl+C at the prompt leaves
                 done = self.client.finished_for(gen_id)  # it came just before the Ctrl+C
                 if done is not None:
-                    if provisional:
-                        self.write("\r\x1b[2K" if self.color else "")
-                        self.write(done.result.text)
-                    return done.result.text, done.result
+                    return self._finished(done, provisional)
                 self.client.cancel(gen_id)
                 deadline = time.monotonic() + STOP_GRACE_S
                 try:
@@ -253,10 +254,7 @@ class PlainRepl:
                         if isinstance(late, Failed) and late.id in (gen_id, None):
                             raise (UsageError if late.usage else GlmchatError)(late.error)
                         if isinstance(late, Finished) and late.id == gen_id:
-                            if provisional:
-                                self.write("\r\x1b[2K" if self.color else "")
-                                self.write(late.result.text)
-                            return late.result.text, late.result
+                            return self._finished(late, provisional)
                 except KeyboardInterrupt:
                     self.write("\n")
                     return text, None  # stop waiting; the worker's late events are skipped
